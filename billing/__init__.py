@@ -1,0 +1,1 @@
+"""Metering and billing consumers, the ClickHouse schema and queries."""

@@ -1,0 +1,32 @@
+"""The metering process entry point."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import nats
+
+from billing.clickhouse import ClickHouse
+from billing.meter import Meter
+from billing.schema import apply_schema
+from bus.settings import Settings
+
+
+async def serve_meter(settings: Settings) -> None:
+    """Apply the schema, then meter usage into ClickHouse until SIGINT or SIGTERM."""
+    ch = await asyncio.to_thread(ClickHouse, settings.clickhouse)
+    await apply_schema(ch)
+    nc = await nats.connect(settings.nats.url, name="tollgate-meter", max_reconnect_attempts=-1)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    meter = Meter(settings, nc, ch)
+    await meter.start()
+    try:
+        await meter.run(stop)
+    finally:
+        await meter.close()
+        await nc.drain()
+        ch.close()

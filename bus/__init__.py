@@ -1,0 +1,1 @@
+"""Shared kernel: wire types, signing, subjects, provisioning, settings and the client SDK."""

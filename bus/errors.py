@@ -1,0 +1,102 @@
+"""The typed error hierarchy shared by every process.
+
+Each error knows its OpenAI-shaped identity (HTTP status, ``type``, ``code``,
+``param``). The edge maps it to an HTTP response in one place
+(``edge.errors``); workers send it back over the bus as an ``ErrorInfo``
+inside an error frame and the edge rebuilds the same error from it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    """An error as it crosses a process boundary."""
+
+    status: int
+    type: str
+    message: str
+    code: str | None = None
+    param: str | None = None
+
+
+class TollgateError(Exception):
+    """Base of every error a client or a bus peer may be told about."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def info(self) -> ErrorInfo:
+        """Return the wire form of this error."""
+        return ErrorInfo(self.status, self.type, self.message, self.code, self.param)
+
+    @staticmethod
+    def from_info(info: ErrorInfo) -> "TollgateError":
+        """Rebuild an error received over the bus, keeping its status and codes."""
+        cls = _BY_STATUS.get(info.status, TollgateError)
+        err = cls(info.message, param=info.param, code=info.code)
+        err.status, err.type = info.status, info.type
+        return err
+
+
+class InvalidRequest(TollgateError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(TollgateError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(TollgateError):
+    status = 403
+    type = "invalid_request_error"
+
+
+class ModelNotFound(TollgateError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class WorkerFailed(TollgateError):
+    """The worker running a request died or broke its reply stream."""
+
+    status = 502
+    type = "server_error"
+    code = "worker_failed"
+
+
+class NoCapacity(TollgateError):
+    """No live worker serves the model."""
+
+    status = 503
+    type = "server_error"
+    code = "model_unavailable"
+
+
+class DeadlineExceeded(TollgateError):
+    status = 504
+    type = "timeout"
+    code = "deadline_exceeded"
+
+
+class BadEnvelope(Exception):
+    """A bus message that must be terminated unrun: malformed, forged, untrusted or expired."""
+
+
+_BY_STATUS: dict[int, type[TollgateError]] = {
+    cls.status: cls
+    for cls in (InvalidRequest, AuthenticationFailed, PermissionDenied, ModelNotFound, WorkerFailed, NoCapacity, DeadlineExceeded)
+}

@@ -1,0 +1,108 @@
+"""Idempotent JetStream provisioning: streams, durable consumers and KV buckets."""
+
+from __future__ import annotations
+
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.kv import KeyValue
+
+from bus.settings import Settings
+from bus.subjects import (
+    CANCELLED_BUCKET,
+    ISSUERS_BUCKET,
+    LANES,
+    METER_CONSUMER,
+    REQUESTS_STREAM,
+    USAGE_STREAM,
+    WORKERS_BUCKET,
+    work_consumer,
+    request_subject,
+)
+
+_STREAM_EXISTS = 10058
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError as exc:
+        if exc.err_code != _STREAM_EXISTS:
+            raise
+        await js.update_stream(config)
+
+
+async def provision(js: JetStreamContext, settings: Settings) -> None:
+    """Create or update every stream and bucket the gateway needs."""
+    window = settings.max_deadline_s
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=REQUESTS_STREAM,
+            subjects=["tg.req.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            allow_msg_ttl=True,  # each request expires from the queue at its deadline
+            max_age=window,
+            # A replay inside the window is dropped; no deadline outlives it.
+            duplicate_window=window,
+        ),
+    )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=USAGE_STREAM,
+            subjects=["tg.usage.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            # A redelivered request republishes its usage event under the same
+            # Nats-Msg-Id; redelivery stops at the deadline, so this covers it.
+            duplicate_window=2 * window,
+        ),
+    )
+    liveness_ttl = 3 * settings.worker.liveness_s
+    await js.create_key_value(
+        KeyValueConfig(bucket=WORKERS_BUCKET, history=1, ttl=liveness_ttl, limit_marker_ttl=1.0)
+    )
+    await js.create_key_value(KeyValueConfig(bucket=ISSUERS_BUCKET, history=1))
+    await js.create_key_value(KeyValueConfig(bucket=CANCELLED_BUCKET, history=1, ttl=window))
+
+
+async def ensure_work_consumers(js: JetStreamContext, settings: Settings, model: str) -> None:
+    """One durable pull consumer per lane for ``model``, shared by all its workers."""
+    for lane in LANES:
+        await js.add_consumer(
+            REQUESTS_STREAM,
+            ConsumerConfig(
+                durable_name=work_consumer(model, lane),
+                filter_subject=request_subject(lane, model),
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=settings.worker.ack_wait_s,
+                max_deliver=settings.worker.max_deliver,
+                max_ack_pending=-1,
+            ),
+        )
+
+
+async def ensure_meter_consumer(js: JetStreamContext, settings: Settings) -> None:
+    await js.add_consumer(
+        USAGE_STREAM,
+        ConsumerConfig(
+            durable_name=METER_CONSUMER,
+            filter_subject="tg.usage.>",
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=settings.meter.ack_wait_s,
+            max_ack_pending=-1,
+        ),
+    )
+
+
+async def bucket(js: JetStreamContext, name: str) -> KeyValue:
+    return await js.key_value(name)

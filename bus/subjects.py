@@ -1,0 +1,57 @@
+"""Subject, stream, consumer and bucket names: the addressing scheme of the bus."""
+
+import re
+
+# Highest priority first: workers drain lanes in this order.
+LANES: tuple[str, ...] = ("critical", "high", "normal", "batch")
+
+REQUESTS_STREAM = "REQUESTS"
+USAGE_STREAM = "USAGE"
+WORKERS_BUCKET = "tg_workers"
+ISSUERS_BUCKET = "tg_issuers"
+CANCELLED_BUCKET = "tg_cancelled"
+METER_CONSUMER = "meter"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def token(name: str) -> str:
+    """Turn a model or tenant name into one subject token (no dots or wildcards)."""
+    return _UNSAFE.sub("_", name)
+
+
+def request_subject(lane: str, model: str) -> str:
+    return f"tg.req.{lane}.{token(model)}"
+
+
+def request_wildcard(model: str) -> str:
+    """Every lane's work for one model: the worker's doorbell."""
+    return f"tg.req.*.{token(model)}"
+
+
+def work_consumer(model: str, lane: str) -> str:
+    """The durable consumer that all workers of ``model`` share for ``lane``."""
+    return f"work_{token(model)}_{lane}"
+
+
+def reply_subject(edge_id: str, request_id: str) -> str:
+    return f"tg.reply.{edge_id}.{request_id}"
+
+
+def reply_wildcard(edge_id: str) -> str:
+    return f"tg.reply.{edge_id}.*"
+
+
+def cancel_subject(request_id: str) -> str:
+    return f"tg.cancel.{request_id}"
+
+
+CANCEL_WILDCARD = "tg.cancel.*"
+
+
+def usage_subject(tenant: str) -> str:
+    return f"tg.usage.{token(tenant)}"
+
+
+def liveness_key(model: str, worker_id: str) -> str:
+    return f"{token(model)}.{worker_id}"

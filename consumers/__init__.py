@@ -1,0 +1,1 @@
+"""Worker processes: one runtime and pluggable model backends."""

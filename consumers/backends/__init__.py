@@ -1,0 +1,1 @@
+"""Model backends: each turns a typed request body into a stream of output."""

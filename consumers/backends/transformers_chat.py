@@ -1,0 +1,163 @@
+"""Chat completions with a transformers causal LM, generated in a thread and streamed token by token."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import AsyncIterator
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from bus.errors import InvalidRequest
+from bus.protocol import ChatBody
+from consumers.backends.base import ChatResult
+
+
+class _TokenPipe(BaseStreamer):
+    """Hands generated token ids from the generation thread to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        self._loop, self._queue = loop, queue
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first echoes the prompt
+            self._prompt_seen = True
+            return
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+
+
+class _StopWhen(StoppingCriteria):
+    def __init__(self, flag: threading.Event):
+        self._flag = flag
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self._flag.is_set(), dtype=torch.bool)
+
+
+class TransformersChat:
+    """A loaded causal LM and its tokenizer with a chat template."""
+
+    def __init__(self, path: str):
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        self.model.eval()
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"{path} has no chat template")
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        # One generation at a time per process: torch already uses every core for one.
+        self._lock = asyncio.Lock()
+
+    def _prompt_ids(self, body: ChatBody) -> list[int]:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    async def chat(self, body: ChatBody, cancel: asyncio.Event) -> AsyncIterator[str | ChatResult]:
+        prompt = self._prompt_ids(body)
+        room = self.context_length - len(prompt)
+        if room <= 0 or (body.max_tokens or 0) > room:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.context_length} tokens; the messages take "
+                f"{len(prompt)} and max_tokens asks for {body.max_tokens or 0} more.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        max_new = body.max_tokens or room
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop_now = threading.Event()
+        greedy = body.temperature == 0
+        kwargs = dict(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new,
+            do_sample=not greedy,
+            streamer=_TokenPipe(loop, queue),
+            stopping_criteria=StoppingCriteriaList([_StopWhen(stop_now)]),
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        )
+        if not greedy:
+            kwargs.update(temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p or 1.0, top_k=0)
+
+        def generate() -> None:
+            if body.seed is not None:
+                transformers.set_seed(body.seed)
+            with torch.inference_mode():
+                self.model.generate(**kwargs)
+
+        async with self._lock:
+            job = loop.run_in_executor(None, generate)
+            try:
+                async for item in _texts(self.tokenizer, queue, body.stop, stop_now, cancel, max_new, len(prompt)):
+                    yield item
+            finally:
+                stop_now.set()
+                await job
+
+
+async def _texts(tokenizer, queue: asyncio.Queue, stops: list[str], stop_now: threading.Event,
+                 cancel: asyncio.Event, max_new: int, prompt_tokens: int) -> AsyncIterator[str | ChatResult]:
+    """Turn token ids into text pieces, holding back any tail that could begin a stop string."""
+    eos = set(_as_list(tokenizer.eos_token_id))
+    ids: list[int] = []
+    sent = 0
+    holdback = max((len(s) for s in stops), default=1) - 1
+    finish = "length"
+    cancel_wait = asyncio.ensure_future(cancel.wait())
+    try:
+        while True:
+            get = asyncio.ensure_future(queue.get())
+            await asyncio.wait({get, cancel_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                finish = "cancelled"
+                break
+            new = get.result()
+            if new is None:
+                break
+            for token_id in new:
+                ids.append(token_id)
+                if token_id in eos:
+                    finish = "stop"
+                    break
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            cut = _first_stop(text, stops)
+            if cut is not None or finish == "stop":
+                finish = "stop"
+                text = text if cut is None else text[:cut]
+                if len(text) > sent:
+                    yield text[sent:]
+                sent = len(text)
+                break
+            safe = len(text) - holdback
+            while safe > sent and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
+                safe -= 1
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+        if finish == "length":
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            if len(text) > sent:
+                yield text[sent:]
+    finally:
+        stop_now.set()
+        cancel_wait.cancel()
+    yield ChatResult(finish, prompt_tokens, min(len(ids), max_new))
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -1,0 +1,229 @@
+"""The worker runtime: pull by priority, verify, run, stream, meter, ack.
+
+Order of effects for each message (DESIGN.md): verify -> run -> final frame
+-> usage event published and acked by JetStream -> work message acked. A crash
+anywhere before the work ack gets the message redelivered; its usage event
+carries the request id as ``Nats-Msg-Id``, so a second copy is dropped by
+the server and nothing is billed twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from bus.envelopes import MSG_ID_HEADER, open_envelope
+from bus.errors import BadEnvelope, DeadlineExceeded, TollgateError, WorkerFailed
+from bus.issuers import watch_issuers
+from bus.liveness import announced
+from bus.protocol import ChatBody, Delta, Envelope, Failed, Final, Heartbeat, Started, Usage, UsageEvent, encode
+from bus.provision import ensure_work_consumers
+from bus.settings import ModelSpec, Settings
+from bus.subjects import CANCEL_WILDCARD, CANCELLED_BUCKET, WORKERS_BUCKET, request_wildcard, usage_subject
+from consumers.backends.base import ChatBackend, ChatResult
+from consumers.lanes import LanePuller
+
+log = logging.getLogger(__name__)
+
+# How long an idle slot sleeps before scanning again without a doorbell:
+# only redeliveries (which publish nothing) need this.
+_IDLE_POLL_S = 1.0
+
+
+class _Replies:
+    """Numbered frames to one request's reply subject."""
+
+    def __init__(self, nc: Client, subject: str):
+        self._nc, self._subject, self._seq = nc, subject, 0
+
+    async def send(self, frame_type, **fields) -> None:
+        await self._nc.publish(self._subject, encode(frame_type(seq=self._seq, **fields)))
+        self._seq += 1
+
+
+class Worker:
+    """Serves one model from its lane consumers with ``spec.concurrency`` slots."""
+
+    def __init__(self, settings: Settings, model: str, backend: ChatBackend, nc: Client, worker_id: str | None = None):
+        self.settings = settings
+        self.model = model
+        self.spec: ModelSpec = settings.models[model]
+        self.backend = backend
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.worker_id = worker_id or uuid.uuid4().hex[:12]
+        self._doorbell = asyncio.Event()
+        self._stopping = False
+        self._running: dict[str, asyncio.Event] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then finish the requests in hand and leave."""
+        await ensure_work_consumers(self.js, self.settings, self.model)
+        self._issuers = await watch_issuers(self.js)
+        self._cancelled = await self.js.key_value(CANCELLED_BUCKET)
+        subs = [
+            await self.nc.subscribe(CANCEL_WILDCARD, cb=self._on_cancel),
+            await self.nc.subscribe(request_wildcard(self.model), cb=self._on_doorbell),
+        ]
+        workers_kv = await self.js.key_value(WORKERS_BUCKET)
+        slots = [asyncio.create_task(self._slot()) for _ in range(self.spec.concurrency)]
+        try:
+            async with announced(workers_kv, self.model, self.worker_id, self.settings.worker.liveness_s):
+                log.info("worker %s serving %s", self.worker_id, self.model)
+                await stop.wait()
+                self._stopping = True
+                self._doorbell.set()
+                await asyncio.gather(*slots)
+        finally:
+            for task in slots:
+                task.cancel()
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            await self._issuers.stop()
+
+    async def _on_doorbell(self, _msg: Msg) -> None:
+        self._doorbell.set()
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        event = self._running.get(msg.subject.rsplit(".", 1)[-1])
+        if event is not None:
+            event.set()
+
+    async def _slot(self) -> None:
+        puller = await LanePuller(self.nc, self.model).open()
+        try:
+            while not self._stopping:
+                msg = await puller.next()
+                if msg is None:
+                    # Clear, then look once more, so a doorbell rung during the scan is not lost.
+                    self._doorbell.clear()
+                    msg = await puller.next()
+                if msg is None:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._doorbell.wait(), _IDLE_POLL_S)
+                    continue
+                await self.handle(msg)
+        finally:
+            await puller.close()
+
+    async def handle(self, msg: Msg) -> None:
+        """Run one work message to completion, or terminate it unrun if it must not run."""
+        try:
+            envelope = open_envelope(msg.data, msg.headers, self._issuers.get, time.time())
+            if envelope.model != self.model:
+                raise BadEnvelope(f"envelope for {envelope.model} on {self.model}'s queue")
+            if msg.metadata.num_delivered > 1 and await self._was_cancelled(envelope.id):
+                raise BadEnvelope("redelivered after its client had gone")
+        except BadEnvelope as exc:
+            log.warning("terminated work message %s: %s", (msg.headers or {}).get(MSG_ID_HEADER), exc)
+            await msg.term()
+            return
+        except Exception:
+            log.exception("terminated undecodable work message")
+            await msg.term()
+            return
+        usage = await self._run(envelope, msg)
+        if await self._meter(usage):
+            await msg.ack()
+
+    async def _was_cancelled(self, request_id: str) -> bool:
+        try:
+            await self._cancelled.get(request_id)
+            return True
+        except Exception:  # KeyNotFoundError: not cancelled
+            return False
+
+    async def _run(self, envelope: Envelope, msg: Msg) -> UsageEvent:
+        replies = _Replies(self.nc, envelope.reply)
+        cancel = asyncio.Event()
+        self._running[envelope.id] = cancel
+        loop = asyncio.get_running_loop()
+        deadline = loop.call_later(max(0.0, envelope.deadline - time.time()), cancel.set)
+        started = time.time()
+        first_token: float | None = None
+        result = ChatResult("cancelled", 0, 0)
+        status, error_code = "ok", None
+        await replies.send(Started, worker=self.worker_id)
+        keepalive = asyncio.create_task(self._keepalive(replies, msg))
+        try:
+            body: ChatBody = envelope.body
+            held: list[str] = []
+            async for item in self.backend.chat(body, cancel):
+                if isinstance(item, ChatResult):
+                    result = item
+                    continue
+                if first_token is None:
+                    first_token = time.time()
+                if body.stream:
+                    await replies.send(Delta, text=item)
+                else:
+                    held.append(item)
+            if result.finish_reason == "cancelled" or cancel.is_set():
+                status = "cancelled"
+                err = DeadlineExceeded("the request's deadline passed while it ran") if time.time() >= envelope.deadline else None
+                if err is not None:
+                    error_code = err.code
+                    await replies.send(Failed, error=err.info())
+            else:
+                usage = Usage(result.prompt_tokens, result.completion_tokens)
+                await replies.send(Final, finish_reason=result.finish_reason, usage=usage, text="".join(held))
+        except TollgateError as exc:
+            status, error_code = "error", exc.code or exc.type
+            await replies.send(Failed, error=exc.info())
+        except Exception:
+            log.exception("request %s failed in the backend", envelope.id)
+            err = WorkerFailed("the model backend failed while running this request")
+            status, error_code = "error", err.code
+            await replies.send(Failed, error=err.info())
+        finally:
+            keepalive.cancel()
+            deadline.cancel()
+            self._running.pop(envelope.id, None)
+        return UsageEvent(
+            request_id=envelope.id,
+            tenant=envelope.tenant,
+            principal=envelope.principal,
+            model=envelope.model,
+            kind=envelope.kind,
+            lane=envelope.lane,
+            queued_at=envelope.created,
+            started_at=started,
+            first_token_at=first_token,
+            finished_at=time.time(),
+            input_units=result.prompt_tokens,
+            output_units=result.completion_tokens,
+            unit="tokens",
+            cost_micros=result.prompt_tokens * self.spec.input_price + result.completion_tokens * self.spec.output_price,
+            status=status,
+            cache_hit=False,
+            worker_id=self.worker_id,
+            error_code=error_code,
+        )
+
+    async def _keepalive(self, replies: _Replies, msg: Msg) -> None:
+        """Tell the edge this request is alive, and JetStream not to redeliver it yet."""
+        while True:
+            await asyncio.sleep(self.settings.worker.heartbeat_s)
+            await replies.send(Heartbeat)
+            await msg.in_progress()
+
+    async def _meter(self, usage: UsageEvent) -> bool:
+        """Publish the usage event and wait for JetStream to store it; False if it could not."""
+        data = encode(usage)
+        for attempt in range(5):
+            try:
+                await self.js.publish(usage_subject(usage.tenant), data, headers={MSG_ID_HEADER: usage.request_id})
+                return True
+            except Exception as exc:
+                log.warning("usage for %s not stored yet (%s); retrying", usage.request_id, exc)
+                await asyncio.sleep(0.2 * 2**attempt)
+        # Leave the work unacked: it is redelivered and metered then, never lost.
+        log.error("usage for %s could not be stored; leaving the work for redelivery", usage.request_id)
+        return False

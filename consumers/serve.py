@@ -1,0 +1,43 @@
+"""The worker process entry point: fetch weights, load the backend, serve until signalled."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import nats
+
+from bus.settings import ModelSpec, Settings
+from consumers.backends.base import ChatBackend
+from consumers.models import resolve
+from consumers.runtime import Worker
+
+log = logging.getLogger(__name__)
+
+
+def load_backend(spec: ModelSpec, path: str) -> ChatBackend:
+    """Instantiate the backend named by ``spec.backend`` on the weights at ``path``."""
+    if spec.backend == "transformers" and spec.kind == "chat":
+        from consumers.backends.transformers_chat import TransformersChat
+
+        return TransformersChat(path)
+    raise ValueError(f"no {spec.backend!r} backend for {spec.kind!r} models")
+
+
+async def serve_model(settings: Settings, model: str, backend: ChatBackend | None = None) -> None:
+    """Serve ``model`` until SIGINT or SIGTERM; loading happens off the event loop."""
+    spec = settings.models[model]
+    if backend is None:
+        path = await asyncio.to_thread(resolve, model, spec, Path(settings.cache_dir))
+        backend = await asyncio.to_thread(load_backend, spec, path)
+    nc = await nats.connect(settings.nats.url, name=f"tollgate-worker-{model}", max_reconnect_attempts=-1)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await Worker(settings, model, backend, nc).run(stop)
+    finally:
+        await nc.drain()

@@ -1,0 +1,1 @@
+"""The thin HTTP face: OpenAI-compatible routes, auth, admission, publishing and SSE relay."""

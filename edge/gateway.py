@@ -1,0 +1,138 @@
+"""Publishing signed work and relaying the reply frames that come back for it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from bus.envelopes import seal
+from bus.errors import DeadlineExceeded, NoCapacity, TollgateError, WorkerFailed
+from bus.ids import new_request_id
+from bus.liveness import LiveWorkers
+from bus.protocol import Delta, Envelope, Failed, Final, Frame, RequestBody, Started, decode_frame
+from bus.settings import Settings
+from bus.signing import Identity
+from bus.subjects import CANCELLED_BUCKET, cancel_subject, reply_subject, reply_wildcard, request_subject
+
+log = logging.getLogger(__name__)
+
+
+class Call:
+    """One request in flight: its frames in order, with deadline and worker-silence checks."""
+
+    def __init__(self, gateway: "Gateway", envelope: Envelope):
+        self.envelope = envelope
+        self._gateway = gateway
+        self._queue: asyncio.Queue[Frame] = asyncio.Queue()
+        self.done = False
+
+    def deliver(self, frame: Frame) -> None:
+        self._queue.put_nowait(frame)
+
+    async def frames(self) -> AsyncIterator[Delta | Final]:
+        """Yield deltas then the final frame; raise the request's error if it fails.
+
+        Until a worker takes the request only the deadline applies; once one
+        has, it must keep talking (heartbeats), or the request fails fast.
+        """
+        silence = self._gateway.settings.edge.worker_silence_s
+        expected, started = 0, False
+        while True:
+            remaining = self.envelope.deadline - time.time()
+            if remaining <= 0:
+                raise DeadlineExceeded("The request did not complete before its deadline.")
+            try:
+                frame = await asyncio.wait_for(self._queue.get(), min(remaining, silence) if started else remaining)
+            except asyncio.TimeoutError:
+                if started and remaining > silence:
+                    raise WorkerFailed("The worker running this request stopped responding.") from None
+                continue
+            if frame.seq != expected:
+                raise WorkerFailed("The reply stream from the worker lost frames.")
+            expected += 1
+            if isinstance(frame, Failed):
+                self.done = True
+                raise TollgateError.from_info(frame.error)
+            if isinstance(frame, Started):
+                started = True
+            elif isinstance(frame, (Delta, Final)):
+                if isinstance(frame, Final):
+                    self.done = True
+                yield frame
+                if self.done:
+                    return
+
+
+class Gateway:
+    """Owns this edge's identity, its reply subscription and the liveness view."""
+
+    def __init__(self, settings: Settings, nc: Client, identity: Identity, live: LiveWorkers):
+        self.settings = settings
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.identity = identity
+        self.live = live
+        self.edge_id = uuid.uuid4().hex[:12]
+        self._calls: dict[str, Call] = {}
+        self._sub = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(reply_wildcard(self.edge_id), cb=self._on_reply)
+        self._cancelled = await self.js.key_value(CANCELLED_BUCKET)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        call = self._calls.get(msg.subject.rsplit(".", 1)[-1])
+        if call is None:
+            return  # a request this edge already finished
+        try:
+            call.deliver(decode_frame(msg.data))
+        except Exception:
+            log.warning("dropped an undecodable reply frame on %s", msg.subject)
+
+    @contextlib.asynccontextmanager
+    async def submit(self, *, tenant: str, principal: str, model: str, lane: str, kind: str, body: RequestBody):
+        """Publish one signed request and yield its ``Call``; cancel it if left unfinished."""
+        if not self.live.serving(model):
+            raise NoCapacity(f"No worker is serving the model '{model}' right now. Try again shortly.")
+        now = time.time()
+        request_id = new_request_id()
+        envelope = Envelope(
+            id=request_id,
+            tenant=tenant,
+            principal=principal,
+            issuer=self.identity.public_key,
+            kind=kind,
+            model=model,
+            lane=lane,
+            created=now,
+            deadline=now + self.settings.edge.request_timeout_s,
+            reply=reply_subject(self.edge_id, request_id),
+            body=body,
+        )
+        data, headers = seal(envelope, self.identity, self.settings.edge.request_timeout_s)
+        call = Call(self, envelope)
+        self._calls[request_id] = call
+        try:
+            await self.js.publish(request_subject(lane, model), data, headers=headers)
+            yield call
+        finally:
+            del self._calls[request_id]
+            if not call.done:
+                await asyncio.shield(self._cancel(request_id))
+
+    async def _cancel(self, request_id: str) -> None:
+        """Stop a running request, and make sure a queued or redelivered copy never runs."""
+        with contextlib.suppress(Exception):
+            await self.nc.publish(cancel_subject(request_id), b"")
+            await self._cancelled.put(request_id, b"")

