@@ -211,5 +211,15 @@ async def usage_rows(ch: ClickHouse, request_ids: list[str], expect: int, timeou
         await asyncio.sleep(0.2)
 
 
+async def eventually(check, timeout: float = 10.0):
+    """Wait until the async ``check()`` returns something truthy, and return it."""
+    deadline = time.monotonic() + timeout
+    while not (result := await check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{check.__name__} did not come true in {timeout}s")
+        await asyncio.sleep(0.1)
+    return result
+
+
 def request_id(completion_id: str) -> str:
     return completion_id.removeprefix("chatcmpl-")

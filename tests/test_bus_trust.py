@@ -1,0 +1,99 @@
+"""Envelopes published straight to NATS: only verified, trusted, timely work runs and is metered."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import msgspec
+
+from bus.envelopes import seal
+from bus.ids import new_request_id
+from bus.issuers import register_issuer
+from bus.protocol import ChatBody, ChatMessage, Envelope, Final, IssuerGrant, decode_frame
+from bus.signing import SIGNATURE_HEADER, Identity
+from bus.subjects import REQUESTS_STREAM, request_subject
+from tests.conftest import CHAT_MODEL, eventually, usage_rows
+
+BODY = ChatBody([ChatMessage("user", "Say hi.")], max_tokens=3, temperature=0)
+
+
+def _envelope(identity: Identity, tenant: str = "default", deadline_in: float = 30.0) -> Envelope:
+    now = time.time()
+    rid = new_request_id()
+    return Envelope(
+        id=rid, tenant=tenant, principal="svc-test", issuer=identity.public_key, kind="chat", model=CHAT_MODEL,
+        lane="normal", created=now, deadline=now + deadline_in, reply=f"tg.reply.bustest.{rid}", body=BODY,
+    )
+
+
+class Replies:
+    """Collects every reply frame published for the test's envelopes."""
+
+    def __init__(self):
+        self.frames: dict[str, list] = {}
+        self.finals: dict[str, asyncio.Event] = {}
+
+    async def on_msg(self, msg):
+        rid = msg.subject.rsplit(".", 1)[-1]
+        frame = decode_frame(msg.data)
+        self.frames.setdefault(rid, []).append(frame)
+        if isinstance(frame, Final):
+            self.finals.setdefault(rid, asyncio.Event()).set()
+
+    async def final(self, rid: str, timeout: float = 30.0) -> None:
+        await asyncio.wait_for(self.finals.setdefault(rid, asyncio.Event()).wait(), timeout)
+
+
+async def test_only_trusted_timely_envelopes_run_and_are_metered(stack, nc, meter, clickhouse):
+    js = nc.jetstream()
+    edge = Identity.load_or_create(Path(stack.settings.state_dir, "keys", "edge.seed"))
+    stranger = Identity.generate()
+    acme_service = Identity.generate()
+    await register_issuer(js, acme_service.public_key, IssuerGrant("acme-service", ["acme"]))
+    await asyncio.sleep(0.3)  # the worker's issuer mirror follows the registry by watch
+
+    replies = Replies()
+    sub = await nc.subscribe("tg.reply.bustest.*", cb=replies.on_msg)
+
+    async def publish(envelope: Envelope, signer: Identity, headers: dict | None = None):
+        data, hdrs = seal(envelope, signer, ttl_s=30)
+        hdrs.update(headers or {})
+        return await js.publish(request_subject("normal", CHAT_MODEL), data, headers=hdrs)
+
+    unknown = _envelope(stranger)
+    await publish(unknown, stranger)
+    forged = _envelope(edge)
+    await publish(forged, edge, {SIGNATURE_HEADER: stranger.sign(msgspec.msgpack.encode(forged))})
+    expired = _envelope(edge, deadline_in=-1.0)
+    await publish(expired, edge)
+    cross_tenant = _envelope(acme_service, tenant="globex")
+    await publish(cross_tenant, acme_service)
+    tampered = _envelope(edge)
+    data, hdrs = seal(tampered, edge, ttl_s=30)
+    await js.publish(request_subject("normal", CHAT_MODEL), data.replace(b"svc-test", b"svc-evil"), headers=hdrs)
+
+    valid = _envelope(edge)
+    first = await publish(valid, edge)
+    replay = await publish(valid, edge)
+    own_tenant = _envelope(acme_service, tenant="acme")
+    await publish(own_tenant, acme_service)
+
+    await replies.final(valid.id)
+    await replies.final(own_tenant.id)
+    assert not first.duplicate and replay.duplicate, "the server drops a replay of the same request id"
+
+    bad = [unknown, forged, expired, cross_tenant, tampered]
+    for env in bad:
+        assert env.id not in replies.frames, "a rejected envelope never produced a frame"
+    assert [type(f).__name__ for f in replies.frames[valid.id]][0] == "Started"
+    assert sum(isinstance(f, Final) for f in replies.frames[valid.id]) == 1, "the replay did not run"
+
+    async def queue_empty():
+        return (await js.stream_info(REQUESTS_STREAM)).state.messages == 0
+
+    await eventually(queue_empty)  # rejected work is terminated, not left queued
+    rows = await usage_rows(clickhouse, [e.id for e in [*bad, valid, own_tenant]], expect=2)
+    assert sorted(r["request_id"] for r in rows) == sorted([valid.id, own_tenant.id])
+    await sub.unsubscribe()

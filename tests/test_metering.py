@@ -1,0 +1,77 @@
+"""The meter writes exactly one ClickHouse row per request, through crashes and redeliveries."""
+
+from __future__ import annotations
+
+import time
+
+import nats
+
+from billing.meter import Meter
+from bus.envelopes import MSG_ID_HEADER
+from bus.ids import new_request_id
+from bus.protocol import UsageEvent, encode
+from bus.subjects import METER_CONSUMER, USAGE_STREAM, usage_subject
+from tests.conftest import eventually, usage_rows
+
+
+def _event(i: int) -> UsageEvent:
+    now = time.time()
+    return UsageEvent(
+        request_id=new_request_id(), tenant="crash-test", principal="svc", model="m", kind="chat", lane="normal",
+        queued_at=now, started_at=now, first_token_at=now, finished_at=now, input_units=10 + i, output_units=i,
+        unit="tokens", cost_micros=0, status="ok", cache_hit=False, worker_id="w",
+    )
+
+
+async def test_crash_between_insert_and_ack_leaves_no_duplicate(stack, nc, meter, clickhouse):
+    js = nc.jetstream()
+    await meter.stop()  # the test drives a meter by hand, then restarts the real one
+    events = [_event(i) for i in range(20)]
+    for e in events:
+        await js.publish(usage_subject(e.tenant), encode(e), headers={MSG_ID_HEADER: e.request_id})
+
+    crashing_nc = await nats.connect(stack.nats_url)
+    crashing = Meter(stack.settings, crashing_nc, clickhouse)
+    await crashing.start()
+    batch = await crashing.fetch()
+    assert len(batch) == len(events)
+    await crashing.store(batch)  # inserted ...
+    await crashing_nc.close()  # ... and the process dies before it acks
+
+    ids = [e.request_id for e in events]
+    assert len(await usage_rows(clickhouse, ids, expect=len(ids))) == len(ids)
+
+    await meter.start()  # the batch is redelivered after ack_wait
+
+    async def all_acked():
+        info = await js.consumer_info(USAGE_STREAM, METER_CONSUMER)
+        redelivered = info.delivered.consumer_seq > info.delivered.stream_seq
+        return info.num_ack_pending == 0 and info.num_pending == 0 and redelivered
+
+    await eventually(all_acked, timeout=15)
+    rows = await usage_rows(clickhouse, ids, expect=len(ids))
+    assert sorted(r["request_id"] for r in rows) == sorted(ids), "each request exactly once"
+    assert {r["request_id"]: r["input_units"] for r in rows} == {e.request_id: e.input_units for e in events}
+
+
+async def test_republished_usage_is_dropped_by_the_server(nc, meter, clickhouse):
+    js = nc.jetstream()
+    event = _event(1)
+    first = await js.publish(usage_subject(event.tenant), encode(event), headers={MSG_ID_HEADER: event.request_id})
+    again = await js.publish(usage_subject(event.tenant), encode(event), headers={MSG_ID_HEADER: event.request_id})
+    assert not first.duplicate and again.duplicate
+    assert len(await usage_rows(clickhouse, [event.request_id], expect=1)) == 1
+
+
+async def test_malformed_usage_is_terminated_not_stored(nc, meter, clickhouse):
+    js = nc.jetstream()
+    await js.publish("tg.usage.crash-test", b"\xc1 not msgpack")
+    good = _event(2)
+    await js.publish(usage_subject(good.tenant), encode(good), headers={MSG_ID_HEADER: good.request_id})
+    assert len(await usage_rows(clickhouse, [good.request_id], expect=1)) == 1
+
+    async def nothing_pending():
+        info = await js.consumer_info(USAGE_STREAM, METER_CONSUMER)
+        return info.num_ack_pending == 0 and info.num_pending == 0
+
+    await eventually(nothing_pending)
