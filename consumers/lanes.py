@@ -16,14 +16,19 @@ _NO_WAIT = b'{"batch":1,"no_wait":true}'
 class LanePuller:
     """Scans the model's lane consumers in priority order with no-wait pulls.
 
-    A no-wait pull answers at once (a message, or a 404 status), so a scan of
-    every lane costs a few loopback round trips and never parks a message
-    with a worker that is busy elsewhere.
+    A no-wait pull answers at once (a message, or a 404 status), so a scan
+    never parks a message with a busy worker. Lanes known to be empty are
+    skipped until a doorbell (a publish on that lane) says otherwise, so a
+    scan usually costs one round trip; ``rescan`` forgets what is known, for
+    redeliveries, which ring no doorbell.
     """
 
     def __init__(self, nc: Client, model: str):
         self._nc = nc
-        self._targets = [f"$JS.API.CONSUMER.MSG.NEXT.{REQUESTS_STREAM}.{work_consumer(model, lane)}" for lane in LANES]
+        self._targets = {
+            lane: f"$JS.API.CONSUMER.MSG.NEXT.{REQUESTS_STREAM}.{work_consumer(model, lane)}" for lane in LANES
+        }
+        self._maybe = set(LANES)
         self._inbox = nc.new_inbox()
         self._sub = None
 
@@ -36,15 +41,25 @@ class LanePuller:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
 
+    def ring(self, lane: str) -> None:
+        """Note that ``lane`` may have work."""
+        self._maybe.add(lane)
+
+    def rescan(self) -> None:
+        self._maybe = set(LANES)
+
     async def next(self) -> Msg | None:
         """The next message from the highest non-empty lane, or None if all are empty."""
-        for target in self._targets:
-            await self._nc.publish(target, _NO_WAIT, reply=self._inbox)
+        for lane in LANES:
+            if lane not in self._maybe:
+                continue
+            await self._nc.publish(self._targets[lane], _NO_WAIT, reply=self._inbox)
             try:
                 msg = await self._sub.next_msg(timeout=2.0)
             except (asyncio.TimeoutError, TimeoutError):
                 continue
             if msg.headers and msg.headers.get("Status"):
-                continue  # 404 no messages, 408 expired request
+                self._maybe.discard(lane)  # 404: nothing there now
+                continue
             return msg
         return None

@@ -31,7 +31,7 @@ from consumers.lanes import LanePuller
 
 log = logging.getLogger(__name__)
 
-# How long an idle slot sleeps before scanning again without a doorbell:
+# How long an idle worker waits before scanning every lane without a doorbell:
 # only redeliveries (which publish nothing) need this.
 _IDLE_POLL_S = 1.0
 
@@ -48,7 +48,7 @@ class _Replies:
 
 
 class Worker:
-    """Serves one model from its lane consumers with ``spec.concurrency`` slots."""
+    """Serves one model from its lane consumers, running up to ``spec.concurrency`` requests at once."""
 
     def __init__(self, settings: Settings, model: str, backend: ChatBackend, nc: Client, worker_id: str | None = None):
         self.settings = settings
@@ -72,23 +72,25 @@ class Worker:
             await self.nc.subscribe(request_wildcard(self.model), cb=self._on_doorbell),
         ]
         workers_kv = await self.js.key_value(WORKERS_BUCKET)
-        slots = [asyncio.create_task(self._slot()) for _ in range(self.spec.concurrency)]
+        self._puller = await LanePuller(self.nc, self.model).open()
+        dispatcher = asyncio.create_task(self._dispatch())
         try:
             async with announced(workers_kv, self.model, self.worker_id, self.settings.worker.liveness_s):
                 log.info("worker %s serving %s", self.worker_id, self.model)
                 await stop.wait()
                 self._stopping = True
                 self._doorbell.set()
-                await asyncio.gather(*slots)
+                await dispatcher
         finally:
-            for task in slots:
-                task.cancel()
+            dispatcher.cancel()
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+            await self._puller.close()
             await self._issuers.stop()
 
-    async def _on_doorbell(self, _msg: Msg) -> None:
+    async def _on_doorbell(self, msg: Msg) -> None:
+        self._puller.ring(msg.subject.split(".")[2])
         self._doorbell.set()
 
     async def _on_cancel(self, msg: Msg) -> None:
@@ -96,22 +98,37 @@ class Worker:
         if event is not None:
             event.set()
 
-    async def _slot(self) -> None:
-        puller = await LanePuller(self.nc, self.model).open()
-        try:
-            while not self._stopping:
-                msg = await puller.next()
-                if msg is None:
-                    # Clear, then look once more, so a doorbell rung during the scan is not lost.
-                    self._doorbell.clear()
-                    msg = await puller.next()
-                if msg is None:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._doorbell.wait(), _IDLE_POLL_S)
-                    continue
-                await self.handle(msg)
-        finally:
-            await puller.close()
+    async def _dispatch(self) -> None:
+        """Take one message whenever a slot is free; on stop, wait for the requests in hand."""
+        slots = asyncio.Semaphore(self.spec.concurrency)
+        running: set[asyncio.Task] = set()
+        while not self._stopping:
+            await slots.acquire()
+            msg = await self._next()
+            if msg is None:
+                slots.release()
+                continue
+            task = asyncio.create_task(self.handle(msg))
+            running.add(task)
+            task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+        if running:
+            await asyncio.wait(running)
+
+    async def _next(self) -> Msg | None:
+        """The next message by priority, waiting for a doorbell while all lanes are empty."""
+        while not self._stopping:
+            msg = await self._puller.next()
+            if msg is None:
+                # Clear, then look once more, so a doorbell rung during the scan is not lost.
+                self._doorbell.clear()
+                msg = await self._puller.next()
+            if msg is not None:
+                return msg
+            try:
+                await asyncio.wait_for(self._doorbell.wait(), _IDLE_POLL_S)
+            except asyncio.TimeoutError:
+                self._puller.rescan()  # redeliveries ring no doorbell
+        return None
 
     async def handle(self, msg: Msg) -> None:
         """Run one work message to completion, or terminate it unrun if it must not run."""
