@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-import httpx
+import aiohttp
 import openai
 import pytest
 
@@ -105,11 +105,11 @@ async def test_bad_body_names_the_field(client):
 
 
 async def test_invalid_json_is_a_400(stack, meter):
-    async with httpx.AsyncClient() as http:
-        resp = await http.post(stack.base_url + "/v1/chat/completions", content=b"{not json",
-                               headers={"Authorization": f"Bearer {API_KEY}"})
-    assert resp.status_code == 400
-    assert resp.json()["error"]["type"] == "invalid_request_error"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(stack.base_url + "/v1/chat/completions", data=b"{not json",
+                             headers={"Authorization": f"Bearer {API_KEY}"}) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["type"] == "invalid_request_error"
 
 
 async def test_missing_or_wrong_key_is_rejected(stack, meter):
