@@ -64,10 +64,33 @@ class PermissionDenied(TollgateError):
     type = "invalid_request_error"
 
 
-class ModelNotFound(TollgateError):
+class NotFound(TollgateError):
     status = 404
     type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class Conflict(TollgateError):
+    status = 409
+    type = "invalid_request_error"
+    code = "already_exists"
+
+
+class RateLimited(TollgateError):
+    """Over a rate limit; ``type`` says which (``requests`` or ``tokens``), as OpenAI does."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str, retry_after_s: float):
+        super().__init__(message)
+        self.type = kind
+        self.retry_after_s = retry_after_s
 
 
 class WorkerFailed(TollgateError):
@@ -98,5 +121,5 @@ class BadEnvelope(Exception):
 
 _BY_STATUS: dict[int, type[TollgateError]] = {
     cls.status: cls
-    for cls in (InvalidRequest, AuthenticationFailed, PermissionDenied, ModelNotFound, WorkerFailed, NoCapacity, DeadlineExceeded)
+    for cls in (InvalidRequest, AuthenticationFailed, PermissionDenied, NotFound, Conflict, WorkerFailed, NoCapacity, DeadlineExceeded)
 }

@@ -17,6 +17,10 @@ from nats.js.kv import KeyValue
 from bus.settings import Settings
 from bus.subjects import (
     CANCELLED_BUCKET,
+    INFLIGHT_BUCKET,
+    KEYS_BUCKET,
+    RATELIMIT_STREAM,
+    TENANTS_BUCKET,
     ISSUERS_BUCKET,
     LANES,
     METER_CONSUMER,
@@ -73,6 +77,19 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     )
     await js.create_key_value(KeyValueConfig(bucket=ISSUERS_BUCKET, history=1))
     await js.create_key_value(KeyValueConfig(bucket=CANCELLED_BUCKET, history=1, ttl=window))
+    await js.create_key_value(KeyValueConfig(bucket=TENANTS_BUCKET, history=5))
+    await js.create_key_value(KeyValueConfig(bucket=KEYS_BUCKET, history=5))
+    await js.create_key_value(KeyValueConfig(bucket=INFLIGHT_BUCKET, history=1))
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=RATELIMIT_STREAM,
+            subjects=["tg.rl.>"],
+            allow_msg_counter=True,  # Nats-Incr: one shared counter per scope and minute
+            storage=StorageType.FILE,
+            max_age=180,  # a window's counter outlives its minute, then goes
+        ),
+    )
 
 
 async def ensure_work_consumers(js: JetStreamContext, settings: Settings, model: str) -> None:

@@ -15,6 +15,7 @@ from typing import Literal, Mapping
 import msgspec
 
 from bus.subjects import LANES, token
+from bus.tenancy import DEFAULT_TIERS, Tier
 
 
 class NatsSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -24,12 +25,8 @@ class NatsSettings(msgspec.Struct, forbid_unknown_fields=True):
 class EdgeSettings(msgspec.Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8080
-    # One key is enough until tenants and keys arrive; `tollgate up` makes one if empty.
-    api_key: str = ""
-    tenant: str = "default"
-    default_lane: str = "normal"
-    # Lanes `service_tier` may move a request to.
-    allowed_lanes: list[str] = msgspec.field(default_factory=lambda: ["high", "normal", "batch"])
+    # Bearer token for /admin routes; `tollgate up` makes one if empty (then the admin API is off otherwise).
+    admin_token: str = ""
     request_timeout_s: float = 120.0
     # A queued request is failed fast when the worker that took it stops heartbeating.
     worker_silence_s: float = 5.0
@@ -89,6 +86,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     meter: MeterSettings = msgspec.field(default_factory=MeterSettings)
     models: dict[str, ModelSpec] = msgspec.field(default_factory=lambda: dict(DEFAULT_MODELS))
+    tiers: dict[str, Tier] = msgspec.field(default_factory=lambda: dict(DEFAULT_TIERS))
 
     @property
     def clickhouse(self) -> str:
@@ -117,6 +115,8 @@ def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] 
         raise SettingsError(f"invalid settings: {exc}") from None
     if "models" not in data:
         settings.models = dict(DEFAULT_MODELS)
+    # Operator tiers add to (or replace, by name) the built-in ones.
+    settings.tiers = {**DEFAULT_TIERS, **settings.tiers}
     _check(settings)
     return settings
 
@@ -143,9 +143,9 @@ def _check(settings: Settings) -> None:
         other = seen.setdefault(token(name), name)
         if other != name:
             raise SettingsError(f"model names {other!r} and {name!r} map to the same subject token")
-    lanes = [settings.edge.default_lane, *settings.edge.allowed_lanes]
-    for lane in lanes:
-        if lane not in LANES:
-            raise SettingsError(f"unknown lane {lane!r}; lanes are {', '.join(LANES)}")
+    for name, tier in settings.tiers.items():
+        for lane in [tier.default_lane, *tier.allowed_lanes]:
+            if lane not in LANES:
+                raise SettingsError(f"tier {name}: unknown lane {lane!r}; lanes are {', '.join(LANES)}")
     if settings.edge.request_timeout_s > settings.max_deadline_s:
         raise SettingsError("edge.request_timeout_s may not exceed max_deadline_s")

@@ -10,6 +10,10 @@ USAGE_STREAM = "USAGE"
 WORKERS_BUCKET = "tg_workers"
 ISSUERS_BUCKET = "tg_issuers"
 CANCELLED_BUCKET = "tg_cancelled"
+TENANTS_BUCKET = "tg_tenants"
+KEYS_BUCKET = "tg_keys"
+INFLIGHT_BUCKET = "tg_inflight"
+RATELIMIT_STREAM = "RATELIMIT"
 METER_CONSUMER = "meter"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -51,6 +55,11 @@ CANCEL_WILDCARD = "tg.cancel.*"
 
 def usage_subject(tenant: str) -> str:
     return f"tg.usage.{token(tenant)}"
+
+
+def rate_counter(metric: str, scope: str, window: int) -> str:
+    """The shared counter of ``metric`` (requests or tokens) for ``scope`` in one minute window."""
+    return f"tg.rl.{metric}.{token(scope)}.{window}"
 
 
 def liveness_key(model: str, worker_id: str) -> str:

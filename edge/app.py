@@ -16,19 +16,24 @@ from bus.protocol import IssuerGrant
 from bus.provision import provision
 from bus.settings import Settings
 from bus.signing import Identity
-from bus.subjects import WORKERS_BUCKET
-from edge.auth import KeyAuth
+from bus.subjects import INFLIGHT_BUCKET, KEYS_BUCKET, TENANTS_BUCKET, WORKERS_BUCKET
+from bus.tenancy_store import TenancyStore, decode_key, decode_tenant
+from bus.watched import WatchedBucket
+from edge.admin import add_routes
+from edge.auth import Authenticator
 from edge.chat import chat_completions
 from edge.errors import error_middleware
 from edge.gateway import Gateway
+from edge.ratelimit import InFlight, RateLimiter
 from edge.openai_types import ModelCard, ModelList
 
 log = logging.getLogger(__name__)
 
 
 async def list_models(request: web.Request) -> web.Response:
-    request.app["auth"].authenticate(request)
-    cards = [ModelCard(name) for name in request.app["gateway"].settings.models]
+    principal = request.app["auth"].authenticate(request, "models")
+    names = request.app["gateway"].settings.models
+    cards = [ModelCard(name) for name in names if principal.policy(name).model_allowed]
     return web.Response(body=msgspec.json.encode(ModelList(cards)), content_type="application/json")
 
 
@@ -46,10 +51,10 @@ def edge_identity_path(settings: Settings) -> Path:
 def create_app(settings: Settings) -> web.Application:
     """Build the edge application; it connects to NATS when it starts."""
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.edge.max_body_bytes)
-    app["auth"] = KeyAuth(settings.edge.api_key, settings.edge.tenant)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
+    add_routes(app.router)
 
     async def lifecycle(app: web.Application):
         nc = await nats.connect(settings.nats.url, name="tollgate-edge", max_reconnect_attempts=-1)
@@ -59,13 +64,23 @@ def create_app(settings: Settings) -> web.Application:
         # Until the issuer registry is operator-managed, an edge vouches for every tenant it authenticates.
         await register_issuer(js, identity.public_key, IssuerGrant("edge", ["*"]))
         live = LiveWorkers(await js.key_value(WORKERS_BUCKET))
-        await live.start()
+        tenants = WatchedBucket(await js.key_value(TENANTS_BUCKET), decode_tenant)
+        keys = WatchedBucket(await js.key_value(KEYS_BUCKET), decode_key)
+        for mirror in (live, tenants, keys):
+            await mirror.start()
         gateway = Gateway(settings, nc, identity, live)
         await gateway.start()
+        inflight = InFlight(await js.key_value(INFLIGHT_BUCKET), gateway.edge_id)
+        fresh = asyncio.create_task(inflight.keep_fresh())
         app["gateway"] = gateway
+        app["auth"] = Authenticator(tenants, keys, settings.tiers, settings.edge.admin_token)
+        app["tenancy"] = await TenancyStore.open(js, set(settings.tiers))
+        app["limiter"] = RateLimiter(js, inflight)
         yield
+        fresh.cancel()
         await gateway.stop()
-        await live.stop()
+        for mirror in (live, tenants, keys):
+            await mirror.stop()
         await nc.drain()
 
     app.cleanup_ctx.append(lifecycle)

@@ -1,39 +1,70 @@
-"""API key authentication: who is calling, on whose tenant's account."""
+"""Who is calling: tenant API keys from a watched local mirror of KV, and the admin token."""
 
 from __future__ import annotations
 
-import hashlib
 import hmac
+import time
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from bus.errors import AuthenticationFailed
+from bus.errors import AuthenticationFailed, PermissionDenied
+from bus.tenancy import ApiKey, Policy, Tenant, Tier, endpoint_allowed, hash_key, key_id_of, policy
+from bus.watched import WatchedBucket
 
 
 @dataclass(frozen=True)
 class Principal:
-    tenant: str
-    key_id: str
+    tenant: Tenant
+    key: ApiKey
+    tier: Tier
+
+    def policy(self, model: str) -> Policy:
+        return policy(self.tenant, self.key, self.tier, model)
 
 
-class KeyAuth:
-    """Checks the bearer key against the configured one in constant time."""
+def bearer(request: web.Request) -> str:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise AuthenticationFailed(
+            "You didn't provide an API key. Provide it in the Authorization header as 'Bearer YOUR_KEY'.",
+            code="missing_api_key",
+        )
+    return value.strip()
 
-    def __init__(self, api_key: str, tenant: str):
-        if not api_key:
-            raise ValueError("edge.api_key is empty: set one (tollgate up creates one for you)")
-        self._key = api_key.encode()
-        self._principal = Principal(tenant, "key_" + hashlib.sha256(self._key).hexdigest()[:12])
 
-    def authenticate(self, request: web.Request) -> Principal:
-        header = request.headers.get("Authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise AuthenticationFailed(
-                "You didn't provide an API key. Provide it in the Authorization header as 'Bearer YOUR_KEY'.",
-                code="missing_api_key",
-            )
-        if not hmac.compare_digest(key.strip().encode(), self._key):
-            raise AuthenticationFailed("Incorrect API key provided.")
-        return self._principal
+class Authenticator:
+    """Checks keys against local mirrors of the key and tenant buckets: no network on the hot path."""
+
+    def __init__(self, tenants: WatchedBucket[Tenant], keys: WatchedBucket[ApiKey], tiers: dict[str, Tier],
+                 admin_token: str):
+        self._tenants, self._keys, self._tiers = tenants, keys, tiers
+        self._admin = admin_token.encode()
+
+    def _principal(self, secret: str) -> Principal | None:
+        key_id = key_id_of(secret)
+        key = self._keys.get(key_id) if key_id else None
+        if key is None or not hmac.compare_digest(hash_key(secret), key.hash) or not key.usable(time.time()):
+            return None
+        tenant = self._tenants.get(key.tenant)
+        if tenant is None or tenant.disabled or tenant.tier not in self._tiers:
+            return None
+        return Principal(tenant, key, self._tiers[tenant.tier])
+
+    def authenticate(self, request: web.Request, endpoint: str) -> Principal:
+        """The caller's tenant and key, if the key is valid and scoped for ``endpoint``."""
+        principal = self._principal(bearer(request))
+        if principal is None:
+            raise AuthenticationFailed("Incorrect API key provided, or the key was revoked or has expired.")
+        if not endpoint_allowed(principal.key, endpoint):
+            raise PermissionDenied(f"This API key is not allowed to use {endpoint}.", code="insufficient_scope")
+        return principal
+
+    def require_admin(self, request: web.Request) -> None:
+        """Admin routes take the admin token only; a tenant key is refused, whoever's it is."""
+        secret = bearer(request)
+        if self._admin and hmac.compare_digest(secret.encode(), self._admin):
+            return
+        if self._principal(secret) is not None:
+            raise PermissionDenied("Tenant API keys cannot use the admin API.", code="admin_only")
+        raise AuthenticationFailed("Incorrect admin token provided.")

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
 import msgspec
 from aiohttp import web
 
 from bus.errors import InvalidRequest, ModelNotFound, TollgateError
-from bus.protocol import ChatBody, ChatMessage
+from bus.protocol import ChatBody, ChatMessage, Final
 from bus.settings import ModelSpec
 from edge.errors import decode_body, error_event
-from edge.gateway import Gateway
+from edge.gateway import Call, Gateway
 from edge.openai_types import (
     AssistantMessage,
     ChatCompletion,
@@ -25,6 +23,7 @@ from edge.openai_types import (
     Message,
     TextPart,
 )
+from edge.ratelimit import DEFAULT_COMPLETION_ESTIMATE, RateLimiter
 from edge.service_tier import lane_for, tier_of
 
 _encode = msgspec.json.Encoder().encode
@@ -64,53 +63,83 @@ def to_body(req: ChatCompletionRequest, spec: ModelSpec) -> ChatBody:
     )
 
 
+def estimate_tokens(body: ChatBody) -> int:
+    """Tokens to charge at admission: ~4 characters a token in, plus the completion cap."""
+    prompt = sum(len(m.content) for m in body.messages) // 4 + 4 * len(body.messages)
+    return prompt + (body.max_tokens or DEFAULT_COMPLETION_ESTIMATE)
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gateway: Gateway = request.app["gateway"]
-    principal = request.app["auth"].authenticate(request)
+    limiter: RateLimiter = request.app["limiter"]
+    principal = request.app["auth"].authenticate(request, "chat.completions")
     req = decode_body(await request.read(), ChatCompletionRequest)
     spec = gateway.settings.model(req.model)
-    if spec is None:
+    policy = principal.policy(req.model)
+    if spec is None or not policy.model_allowed:
         raise ModelNotFound(f"The model '{req.model}' does not exist or you do not have access to it.", param="model")
     body = to_body(req, spec)
-    lane = lane_for(req.service_tier, gateway.settings.edge)
-    async with gateway.submit(
-        tenant=principal.tenant, principal=principal.key_id, model=req.model, lane=lane, kind="chat", body=body
-    ) as call:
-        completion_id = "chatcmpl-" + call.envelope.id
-        created = int(call.envelope.created)
-        tier = tier_of(lane)
-        if not req.stream:
-            text: list[str] = []
-            async for frame in call.frames():
-                text.append(frame.text)
-            usage = CompletionUsage(frame.usage.prompt_tokens, frame.usage.completion_tokens,
-                                    frame.usage.prompt_tokens + frame.usage.completion_tokens)
-            completion = ChatCompletion(
-                completion_id, created, req.model,
-                [Choice(AssistantMessage("".join(text)), frame.finish_reason)], usage, tier,
-            )
-            return web.Response(body=_encode(completion), content_type="application/json")
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    lane = lane_for(req.service_tier, policy)
+    admission = await limiter.admit(policy, principal.tenant.id, principal.key.id, estimate_tokens(body))
+    reply: _Reply | None = None
+    try:
+        async with gateway.submit(
+            tenant=principal.tenant.id, principal=principal.key.id, model=req.model, lane=lane, kind="chat", body=body
+        ) as call:
+            reply = _Reply(call, req, tier_of(lane, policy), admission.headers)
+            return await (reply.stream(request) if req.stream else reply.whole())
+    finally:
+        used = reply.final.usage if reply and reply.final else None
+        limiter.finish_soon(admission, used.prompt_tokens + used.completion_tokens if used else None)
+
+
+class _Reply:
+    """Turns one call's frames into an OpenAI response, whole or as server-sent events."""
+
+    def __init__(self, call: Call, req: ChatCompletionRequest, tier: str, headers: dict[str, str]):
+        self.call, self.req, self.tier, self.headers = call, req, tier, headers
+        self.id = "chatcmpl-" + call.envelope.id
+        self.created = int(call.envelope.created)
+        self.final: Final | None = None
+
+    @staticmethod
+    def _usage(final: Final) -> CompletionUsage:
+        u = final.usage
+        return CompletionUsage(u.prompt_tokens, u.completion_tokens, u.prompt_tokens + u.completion_tokens)
+
+    async def whole(self) -> web.Response:
+        text: list[str] = []
+        async for frame in self.call.frames():
+            text.append(frame.text)
+        self.final = frame
+        completion = ChatCompletion(
+            self.id, self.created, self.req.model,
+            [Choice(AssistantMessage("".join(text)), frame.finish_reason)], self._usage(frame), self.tier,
+        )
+        return web.Response(body=_encode(completion), content_type="application/json", headers=self.headers)
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
         chunk_type = ChatCompletionChunkWithUsage if include_usage else ChatCompletionChunk
 
         def event(choices: list[ChunkChoice], **extra) -> bytes:
-            return b"data: " + _encode(chunk_type(completion_id, created, req.model, choices, tier, **extra)) + b"\n\n"
+            chunk = chunk_type(self.id, self.created, self.req.model, choices, self.tier, **extra)
+            return b"data: " + _encode(chunk) + b"\n\n"
 
         response: web.StreamResponse | None = None
         try:
-            async for frame in call.frames():
+            async for frame in self.call.frames():
                 if response is None:
                     # Headers go out with the first output, so an early failure keeps its real status.
-                    response = web.StreamResponse(headers=SSE_HEADERS)
+                    response = web.StreamResponse(headers={**SSE_HEADERS, **self.headers})
                     await response.prepare(request)
                     await response.write(event([ChunkChoice(ChunkDelta(role="assistant", content=""))]))
                 if frame.text:
                     await response.write(event([ChunkChoice(ChunkDelta(content=frame.text))]))
+            self.final = frame
             await response.write(event([ChunkChoice(ChunkDelta(), frame.finish_reason)]))
             if include_usage:
-                u = frame.usage
-                usage = CompletionUsage(u.prompt_tokens, u.completion_tokens, u.prompt_tokens + u.completion_tokens)
-                await response.write(event([], usage=usage))
+                await response.write(event([], usage=self._usage(frame)))
             await response.write(b"data: [DONE]\n\n")
         except TollgateError as exc:
             if response is None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 import msgspec
 from aiohttp import web
 
-from bus.errors import InvalidRequest, TollgateError
+from bus.errors import InvalidRequest, RateLimited, TollgateError
 from edge.openai_types import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ async def error_middleware(request: web.Request, handler):
     """Map typed errors, aiohttp's own HTTP errors and any bug to one OpenAI-shaped body."""
     try:
         return await handler(request)
+    except RateLimited as exc:
+        return error_response(exc, {"Retry-After": str(math.ceil(exc.retry_after_s))})
     except TollgateError as exc:
         return error_response(exc)
     except web.HTTPException as exc:

@@ -1,16 +1,20 @@
 """OpenAI's ``service_tier`` and the bus's priority lanes."""
 
-from bus.settings import EdgeSettings
-
-_TIER_OF_LANE = {"critical": "priority", "high": "priority", "normal": "default", "batch": "flex"}
-
-
-def lane_for(service_tier: str | None, edge: EdgeSettings) -> str:
-    """The lane a request runs in: the default, moved up or down where allowed."""
-    wanted = {"priority": "high", "flex": "batch"}.get(service_tier or "default", edge.default_lane)
-    return wanted if wanted in edge.allowed_lanes else edge.default_lane
+from bus.subjects import LANES
+from bus.tenancy import Policy
 
 
-def tier_of(lane: str) -> str:
-    """The ``service_tier`` a response reports for a lane."""
-    return _TIER_OF_LANE[lane]
+def lane_for(service_tier: str | None, policy: Policy) -> str:
+    """The lane a request runs in: the tenant's default, one lane up for ``priority`` and to
+    ``batch`` for ``flex``, each only where the tenant's allowed lanes include it."""
+    default = policy.default_lane
+    index = LANES.index(default)
+    wanted = {"priority": LANES[max(0, index - 1)], "flex": "batch"}.get(service_tier or "default", default)
+    return wanted if wanted in policy.allowed_lanes else default
+
+
+def tier_of(lane: str, policy: Policy) -> str:
+    """The ``service_tier`` a response reports: relative to the tenant's default lane."""
+    if lane == policy.default_lane:
+        return "default"
+    return "priority" if LANES.index(lane) < LANES.index(policy.default_lane) else "flex"

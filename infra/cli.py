@@ -66,6 +66,103 @@ def _cmd_models_list(settings: Settings, args) -> int:
     return 0
 
 
+def _limits(args) -> dict:
+    return {k: getattr(args, k) for k in ("rpm", "tpm", "concurrency") if getattr(args, k) is not None}
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return None if value is None else [v for v in value.split(",") if v]
+
+
+def _tenancy(settings: Settings, action) -> int:
+    """Run ``action(store)`` against NATS KV and print its result as JSON."""
+    import msgspec
+    import nats
+
+    from bus.errors import TollgateError
+    from bus.tenancy_store import TenancyStore
+
+    async def go():
+        nc = await nats.connect(settings.nats.url)
+        try:
+            return await action(await TenancyStore.open(nc.jetstream(), set(settings.tiers)))
+        finally:
+            await nc.close()
+
+    try:
+        result = asyncio.run(go())
+    except TollgateError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    print(msgspec.json.format(msgspec.json.encode(result), indent=2).decode())
+    return 0
+
+
+def _tenant_fields(args) -> dict:
+    fields = {"tier": args.tier, "name": args.name, "default_lane": args.default_lane,
+              "allowed_lanes": _csv(args.allowed_lanes), "models": _csv(args.models)}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if _limits(args):
+        fields["limits"] = _limits(args)
+    if getattr(args, "disabled", None) is not None:
+        fields["disabled"] = args.disabled
+    return fields
+
+
+def _cmd_tenants_create(settings: Settings, args) -> int:
+    from bus.tenancy import Tenant
+
+    return _tenancy(settings, lambda store: store.create_tenant(Tenant(id=args.id, **_tenant_fields(args))))
+
+
+def _cmd_tenants_update(settings: Settings, args) -> int:
+    return _tenancy(settings, lambda store: store.update_tenant(args.id, _tenant_fields(args)))
+
+
+def _cmd_tenants_list(settings: Settings, args) -> int:
+    return _tenancy(settings, lambda store: store.list_tenants())
+
+
+def _cmd_keys_create(settings: Settings, args) -> int:
+    import time
+
+    from edge.admin import key_view
+
+    async def create(store):
+        key, secret = await store.create_key(
+            args.tenant, name=args.name or "", models=_csv(args.models), endpoints=_csv(args.endpoints),
+            expires=time.time() + args.expires_in if args.expires_in else None, limits=_limits(args),
+        )
+        return {"key": secret, **key_view(key)}
+
+    return _tenancy(settings, create)
+
+
+def _cmd_keys_list(settings: Settings, args) -> int:
+    from edge.admin import key_view
+
+    async def listing(store):
+        return [key_view(k) for k in await store.list_keys(args.tenant)]
+
+    return _tenancy(settings, listing)
+
+
+def _cmd_keys_revoke(settings: Settings, args) -> int:
+    from edge.admin import key_view
+
+    async def revoke(store):
+        return key_view(await store.revoke_key(args.id))
+
+    return _tenancy(settings, revoke)
+
+
+def _limit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpm", type=int, help="requests per minute")
+    p.add_argument("--tpm", type=int, help="tokens per minute")
+    p.add_argument("--concurrency", type=int, help="requests in flight")
+    p.add_argument("--models", help="comma-separated models allowed (default: all)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tollgate", description="Tollgate AI gateway")
     parser.add_argument("--config", help="settings file (default: tollgate.toml, or $TOLLGATE_CONFIG)")
@@ -82,6 +179,36 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("names", nargs="*", help="models to pull (default: all configured)")
     pull.set_defaults(run=_cmd_models_pull)
     models.add_parser("list", help="list configured models").set_defaults(run=_cmd_models_list)
+
+    tenants = sub.add_parser("tenants", help="tenants (in NATS KV)").add_subparsers(dest="tenants_command", required=True)
+    for name, run in (("create", _cmd_tenants_create), ("update", _cmd_tenants_update)):
+        p = tenants.add_parser(name)
+        p.add_argument("id")
+        p.add_argument("--tier", default="free" if name == "create" else None)
+        p.add_argument("--name")
+        p.add_argument("--default-lane")
+        p.add_argument("--allowed-lanes", help="comma-separated lanes service_tier may use")
+        if name == "update":
+            p.add_argument("--disable", dest="disabled", action="store_const", const=True)
+            p.add_argument("--enable", dest="disabled", action="store_const", const=False)
+        _limit_flags(p)
+        p.set_defaults(run=run)
+    tenants.add_parser("list").set_defaults(run=_cmd_tenants_list)
+
+    keys = sub.add_parser("keys", help="API keys (in NATS KV)").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create a key; its secret is printed once")
+    create.add_argument("tenant")
+    create.add_argument("--name")
+    create.add_argument("--expires-in", type=float, help="seconds until the key expires")
+    create.add_argument("--endpoints", help="comma-separated endpoints allowed, e.g. chat.completions,models")
+    _limit_flags(create)
+    create.set_defaults(run=_cmd_keys_create)
+    listing = keys.add_parser("list")
+    listing.add_argument("--tenant")
+    listing.set_defaults(run=_cmd_keys_list)
+    revoke = keys.add_parser("revoke")
+    revoke.add_argument("id")
+    revoke.set_defaults(run=_cmd_keys_revoke)
     return parser
 
 

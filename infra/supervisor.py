@@ -3,43 +3,78 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 import msgspec
 import nats
 
+from bus.errors import Conflict, NotFound
 from bus.provision import provision
 from bus.settings import Settings
+from bus.tenancy import Tenant, hash_key, key_id_of
+from bus.tenancy_store import TenancyStore
 from consumers.models import resolve
 from infra.nats_launcher import NatsServer
 
 
-def api_key(settings: Settings) -> str:
-    """The configured key, else the one kept in the state dir (created on first start)."""
-    if settings.edge.api_key:
-        return settings.edge.api_key
-    path = Path(settings.state_dir, "api_key")
+def _secret_file(path: Path, make) -> str:
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("sk-tg-" + secrets.token_urlsafe(24))
+        path.write_text(make())
         path.chmod(0o600)
     return path.read_text().strip()
 
 
-async def _provision(settings: Settings) -> None:
+async def _bootstrap(settings: Settings) -> tuple[str, str]:
+    """Provision the bus; make sure a default tenant and a working key for it exist.
+
+    The key's secret is kept in the state dir (mode 0600) so that a second
+    ``tollgate up`` prints the same key; it is re-minted if it no longer works.
+    """
+    state = Path(settings.state_dir)
+    admin = settings.edge.admin_token or _secret_file(state / "admin_token", lambda: "tga-" + secrets.token_urlsafe(24))
     nc = await nats.connect(settings.nats.url)
     try:
-        await provision(nc.jetstream(), settings)
+        js = nc.jetstream()
+        await provision(js, settings)
+        store = await TenancyStore.open(js, set(settings.tiers))
+        with contextlib.suppress(Conflict):
+            await store.create_tenant(Tenant(id=DEFAULT_TENANT, tier="pro", name="Default tenant"))
+        key_file = state / "api_key"
+        if key_file.exists():
+            secret = key_file.read_text().strip()
+            with contextlib.suppress(NotFound):
+                key = await store.get_key(key_id_of(secret) or "-")
+                if key.tenant == DEFAULT_TENANT and key.usable(time.time()) and key.hash == hash_key(secret):
+                    return secret, admin
+        _, secret = await store.create_key(DEFAULT_TENANT, name="tollgate up")
+        key_file.write_text(secret)
+        key_file.chmod(0o600)
+        return secret, admin
     finally:
         await nc.close()
+
+
+DEFAULT_TENANT = "default"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def _wait_healthy(url: str, models: list[str], children: list[subprocess.Popen], timeout: float) -> None:
@@ -65,10 +100,11 @@ def up(settings: Settings) -> int:
     state.mkdir(parents=True, exist_ok=True)
     for name, spec in settings.models.items():
         resolve(name, spec, Path(settings.cache_dir), progress=True)
-    server = NatsServer(state / "nats").start()
+    # The configured port when free, so `tollgate tenants/keys` find the server with default settings.
+    port = urlparse(settings.nats.url).port or 4222
+    server = NatsServer(state / "nats", port=port if _port_free(port) else None).start()
     settings = msgspec.structs.replace(settings, nats=msgspec.structs.replace(settings.nats, url=server.url))
-    key = api_key(settings)
-    env = {**os.environ, "TOLLGATE_NATS_URL": server.url, "TOLLGATE_EDGE_API_KEY": key, "TOLLGATE_STATE_DIR": str(state)}
+    env = {**os.environ, "TOLLGATE_NATS_URL": server.url, "TOLLGATE_STATE_DIR": str(state)}
     children: list[subprocess.Popen] = []
 
     def spawn(*args: str) -> None:
@@ -82,7 +118,8 @@ def up(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        asyncio.run(_provision(settings))
+        key, admin = asyncio.run(_bootstrap(settings))
+        env["TOLLGATE_EDGE_ADMIN_TOKEN"] = admin
         spawn("meter")
         spawn("edge")
         for name in settings.models:
@@ -90,9 +127,11 @@ def up(settings: Settings) -> int:
         base = f"http://{settings.edge.host}:{settings.edge.port}"
         _wait_healthy(f"{base}/healthz", list(settings.models), children, timeout=300)
         model = next(iter(settings.models))
+        nats_hint = "" if port == server.port else f"NATS is not on its usual port: export TOLLGATE_NATS_URL={server.url}\n"
         print(
             f"\nTollgate is up on {base}  (NATS {server.url}, ClickHouse {settings.clickhouse})\n"
-            f"API key: {key}\n\n"
+            f"API key (tenant '{DEFAULT_TENANT}'): {key}\n"
+            f"Admin token: {admin}\n{nats_hint}\n"
             f"curl {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
             f"-H 'Content-Type: application/json' "
             f"""-d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'\n\n"""
@@ -109,6 +148,7 @@ def up(settings: Settings) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)

@@ -24,11 +24,14 @@ from billing.meter import Meter
 from billing.schema import apply_schema
 from bus.provision import provision
 from bus.settings import load_settings
+from bus.tenancy import Tenant
+from bus.tenancy_store import TenancyStore
 from infra.nats_launcher import NatsServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-API_KEY = "sk-test-0123456789abcdef"
+ADMIN_TOKEN = "tga-test-admin"
 CHAT_MODEL = "smollm2-135m"
+DEFAULT_TENANT = "default"
 # Same weights under another name, served only by workers that tests start and kill themselves.
 SPARE_MODEL = "smollm2-135m-spare"
 # Configured but never served: requests for it must fail fast with 503.
@@ -49,7 +52,7 @@ max_deadline_s = 120
 
 [edge]
 port = {edge_port}
-api_key = "{API_KEY}"
+admin_token = "{ADMIN_TOKEN}"
 request_timeout_s = 60
 worker_silence_s = 3
 
@@ -84,31 +87,41 @@ class Stack:
         self.env = {**os.environ, "TOLLGATE_CONFIG": str(config), "TOLLGATE_NATS_URL": nats_url}
         self.settings = load_settings(config, self.env)
         self.procs: list[subprocess.Popen] = []
+        self.api_key = ""  # the default tenant's key, made when the stack starts
 
-    def spawn(self, *args: str) -> subprocess.Popen:
+    def spawn(self, *args: str, env: dict | None = None) -> subprocess.Popen:
         log = open(self.tmp / f"{'-'.join(args)}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "infra.cli", *args], env=self.env, cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "infra.cli", *args], env={**self.env, **(env or {})}, cwd=ROOT,
                                 stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
 
-    def health(self) -> dict:
-        with urllib.request.urlopen(self.base_url + "/healthz", timeout=2) as resp:
+    def health(self, base_url: str | None = None) -> dict:
+        with urllib.request.urlopen((base_url or self.base_url) + "/healthz", timeout=2) as resp:
             return json.load(resp)
 
-    def wait_serving(self, model: str, serving: bool = True, timeout: float = 180) -> None:
+    def wait_serving(self, model: str, serving: bool = True, timeout: float = 180, base_url: str | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if self.health()["models"].get(model) == serving:
+                if self.health(base_url)["models"].get(model) == serving:
                     return
             except OSError:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"{model} serving={serving} not reached; logs in {self.tmp}")
 
-    def client(self, api_key: str = API_KEY, **kw) -> AsyncOpenAI:
-        return AsyncOpenAI(base_url=self.base_url + "/v1", api_key=api_key, max_retries=0, **kw)
+    def client(self, api_key: str | None = None, base_url: str | None = None, **kw) -> AsyncOpenAI:
+        return AsyncOpenAI(base_url=(base_url or self.base_url) + "/v1", api_key=api_key or self.api_key,
+                           max_retries=0, **kw)
+
+    async def tenancy(self, action):
+        """Run ``action(store)`` against the tenancy store, as an operator would."""
+        nc = await nats.connect(self.nats_url)
+        try:
+            return await action(await TenancyStore.open(nc.jetstream(), set(self.settings.tiers)))
+        finally:
+            await nc.close()
 
 
 class MeterRunner:
@@ -145,7 +158,11 @@ def stack(tmp_path_factory):
 
     async def prepare():
         nc = await nats.connect(server.url)
-        await provision(nc.jetstream(), st.settings)
+        js = nc.jetstream()
+        await provision(js, st.settings)
+        store = await TenancyStore.open(js, set(st.settings.tiers))
+        await store.create_tenant(Tenant(id=DEFAULT_TENANT, tier="pro"))
+        _, st.api_key = await store.create_key(DEFAULT_TENANT, name="tests")
         await nc.close()
 
     asyncio.run(prepare())

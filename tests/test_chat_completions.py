@@ -8,7 +8,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import API_KEY, CHAT_MODEL, UNSERVED_MODEL, request_id, usage_rows
+from tests.conftest import CHAT_MODEL, UNSERVED_MODEL, request_id, usage_rows
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -107,7 +107,7 @@ async def test_bad_body_names_the_field(client):
 async def test_invalid_json_is_a_400(stack, meter):
     async with aiohttp.ClientSession() as http:
         async with http.post(stack.base_url + "/v1/chat/completions", data=b"{not json",
-                             headers={"Authorization": f"Bearer {API_KEY}"}) as resp:
+                             headers={"Authorization": f"Bearer {stack.api_key}"}) as resp:
             assert resp.status == 400
             assert (await resp.json())["error"]["type"] == "invalid_request_error"
 

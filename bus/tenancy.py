@@ -1,0 +1,137 @@
+"""Tenants, tiers and API keys: the records kept in NATS KV and the policy they add up to."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+
+import msgspec
+
+from bus.subjects import LANES
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+KEY_PREFIX = "sk-tg-"
+_KEY_ID_LEN = 12
+
+
+class Limits(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, frozen=True):
+    """Per-minute requests and tokens, and requests in flight; None means no limit."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+
+    def over(self, base: "Limits") -> "Limits":
+        """These limits where set, ``base``'s elsewhere."""
+        return Limits(*(
+            mine if mine is not None else theirs
+            for mine, theirs in zip(msgspec.structs.astuple(self), msgspec.structs.astuple(base))
+        ))
+
+
+NO_LIMITS = Limits()
+
+
+class Tier(msgspec.Struct, forbid_unknown_fields=True):
+    """Defaults every tenant of a tier gets unless the tenant overrides them."""
+
+    default_lane: str = "normal"
+    allowed_lanes: list[str] = msgspec.field(default_factory=lambda: ["normal", "batch"])
+    limits: Limits = NO_LIMITS
+    model_limits: dict[str, Limits] = {}
+    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+
+
+DEFAULT_TIERS: dict[str, Tier] = {
+    "free": Tier(limits=Limits(rpm=60, tpm=100_000, concurrency=4)),
+    "pro": Tier(allowed_lanes=["high", "normal", "batch"], limits=Limits(rpm=1_000, tpm=2_000_000, concurrency=64)),
+    "enterprise": Tier(default_lane="high", allowed_lanes=list(LANES)),
+}
+
+
+class Tenant(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    tier: str = "free"
+    name: str = ""
+    default_lane: str | None = None
+    allowed_lanes: list[str] | None = None
+    limits: Limits = NO_LIMITS
+    model_limits: dict[str, Limits] = {}
+    models: list[str] | None = None
+    disabled: bool = False
+    created: float = 0.0
+
+
+class ApiKey(msgspec.Struct, forbid_unknown_fields=True):
+    """A stored key: never the secret, only its hash and a public id for lookup."""
+
+    id: str
+    tenant: str
+    hash: str
+    created: float
+    name: str = ""
+    expires: float | None = None
+    revoked: bool = False
+    models: list[str] | None = None  # scope: None means every model the tenant may use
+    endpoints: list[str] | None = None  # scope: e.g. ["chat.completions", "models"]
+    limits: Limits = NO_LIMITS
+    model_limits: dict[str, Limits] = {}
+
+    def usable(self, now: float) -> bool:
+        return not self.revoked and (self.expires is None or now < self.expires)
+
+
+def valid_id(value: str) -> bool:
+    return bool(_ID.match(value))
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_key(tenant: str, **fields) -> tuple[ApiKey, str]:
+    """Mint a key for ``tenant``: the stored record and the secret, which is shown once."""
+    key_id = secrets.token_hex(_KEY_ID_LEN // 2)
+    secret = f"{KEY_PREFIX}{key_id}-{secrets.token_urlsafe(32)}"
+    return ApiKey(id=key_id, tenant=tenant, hash=hash_key(secret), created=time.time(), **fields), secret
+
+
+def key_id_of(secret: str) -> str | None:
+    """The public id inside a presented key, or None if it is not one of ours."""
+    if not secret.startswith(KEY_PREFIX) or len(secret) < len(KEY_PREFIX) + _KEY_ID_LEN + 2:
+        return None
+    return secret[len(KEY_PREFIX):len(KEY_PREFIX) + _KEY_ID_LEN]
+
+
+def _allows(allowed: list[str] | None, name: str) -> bool:
+    return allowed is None or "*" in allowed or name in allowed
+
+
+class Policy(msgspec.Struct, frozen=True):
+    """What one key of one tenant may do with one model, all defaults and overrides applied."""
+
+    default_lane: str
+    allowed_lanes: list[str]
+    model_allowed: bool
+    tenant_limits: Limits
+    key_limits: Limits
+
+
+def policy(tenant: Tenant, key: ApiKey, tier: Tier, model: str) -> Policy:
+    tenant_limits = tenant.model_limits.get(model, NO_LIMITS).over(
+        tenant.limits.over(tier.model_limits.get(model, NO_LIMITS).over(tier.limits))
+    )
+    return Policy(
+        default_lane=tenant.default_lane or tier.default_lane,
+        allowed_lanes=tenant.allowed_lanes if tenant.allowed_lanes is not None else tier.allowed_lanes,
+        model_allowed=_allows(tenant.models if tenant.models is not None else tier.models, model)
+        and _allows(key.models, model),
+        tenant_limits=tenant_limits,
+        key_limits=key.model_limits.get(model, NO_LIMITS).over(key.limits),
+    )
+
+
+def endpoint_allowed(key: ApiKey, endpoint: str) -> bool:
+    return _allows(key.endpoints, endpoint)

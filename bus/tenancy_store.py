@@ -1,0 +1,135 @@
+"""Tenants and API keys in NATS KV: the one place that creates, changes and revokes them.
+
+The admin API and the CLI both go through here. Edges never read the buckets
+on the hot path: they follow them with a watcher (``bus.watched``), so a
+revocation reaches every edge as fast as the watch delivers it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from bus.errors import Conflict, InvalidRequest, NotFound
+from bus.subjects import KEYS_BUCKET, LANES, TENANTS_BUCKET
+from bus.tenancy import ApiKey, Tenant, new_key, valid_id
+
+_tenant = msgspec.msgpack.Decoder(Tenant)
+_key = msgspec.msgpack.Decoder(ApiKey)
+_encode = msgspec.msgpack.encode
+
+# Fields a PATCH may change; ids, hashes and creation times never change.
+TENANT_FIELDS = {"tier", "name", "default_lane", "allowed_lanes", "limits", "model_limits", "models", "disabled"}
+KEY_FIELDS = {"name", "expires", "models", "endpoints", "limits", "model_limits"}
+
+
+def decode_tenant(data: bytes) -> Tenant:
+    return _tenant.decode(data)
+
+
+def decode_key(data: bytes) -> ApiKey:
+    return _key.decode(data)
+
+
+def _check_lanes(tenant: Tenant) -> None:
+    for lane in [tenant.default_lane, *(tenant.allowed_lanes or [])]:
+        if lane is not None and lane not in LANES:
+            raise InvalidRequest(f"unknown lane {lane!r}; lanes are {', '.join(LANES)}", param="allowed_lanes")
+
+
+def _patched(record, patch: dict, allowed: set[str], kind: type):
+    unknown = set(patch) - allowed
+    if unknown:
+        raise InvalidRequest(f"cannot change {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
+    merged = {**msgspec.to_builtins(record), **patch}
+    try:
+        return msgspec.convert(merged, kind)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+class TenancyStore:
+    def __init__(self, tenants: KeyValue, keys: KeyValue, tiers: set[str]):
+        self._tenants, self._keys, self._tiers = tenants, keys, tiers
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, tiers: set[str]) -> "TenancyStore":
+        return cls(await js.key_value(TENANTS_BUCKET), await js.key_value(KEYS_BUCKET), tiers)
+
+    def _check_tier(self, tier: str) -> None:
+        if tier not in self._tiers:
+            raise InvalidRequest(f"unknown tier {tier!r}; tiers are {', '.join(sorted(self._tiers))}", param="tier")
+
+    async def create_tenant(self, tenant: Tenant) -> Tenant:
+        if not valid_id(tenant.id):
+            raise InvalidRequest("tenant id must be 1-64 letters, digits, '-' or '_'", param="id")
+        self._check_tier(tenant.tier)
+        _check_lanes(tenant)
+        tenant = msgspec.structs.replace(tenant, created=time.time())
+        try:
+            await self._tenants.create(tenant.id, _encode(tenant))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise Conflict(f"tenant {tenant.id!r} already exists", param="id") from None
+        return tenant
+
+    async def get_tenant(self, tenant_id: str) -> Tenant:
+        try:
+            return decode_tenant((await self._tenants.get(tenant_id)).value)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            raise NotFound(f"no tenant {tenant_id!r}") from None
+
+    async def list_tenants(self) -> list[Tenant]:
+        return [await self.get_tenant(k) for k in await _keys(self._tenants)]
+
+    async def update_tenant(self, tenant_id: str, patch: dict) -> Tenant:
+        tenant = _patched(await self.get_tenant(tenant_id), patch, TENANT_FIELDS, Tenant)
+        self._check_tier(tenant.tier)
+        _check_lanes(tenant)
+        await self._tenants.put(tenant_id, _encode(tenant))
+        return tenant
+
+    async def create_key(self, tenant_id: str, **fields) -> tuple[ApiKey, str]:
+        """Mint a key; the secret is returned here and never stored."""
+        await self.get_tenant(tenant_id)
+        unknown = set(fields) - KEY_FIELDS
+        if unknown:
+            raise InvalidRequest(f"unknown key field {sorted(unknown)[0]}", param=sorted(unknown)[0])
+        try:
+            key, secret = new_key(tenant_id, **fields)
+            key = msgspec.convert(msgspec.to_builtins(key), ApiKey)  # validate the given fields
+        except (TypeError, msgspec.ValidationError) as exc:
+            raise InvalidRequest(str(exc)) from None
+        await self._keys.create(key.id, _encode(key))
+        return key, secret
+
+    async def get_key(self, key_id: str) -> ApiKey:
+        try:
+            return decode_key((await self._keys.get(key_id)).value)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            raise NotFound(f"no API key {key_id!r}") from None
+
+    async def list_keys(self, tenant_id: str | None = None) -> list[ApiKey]:
+        keys = [await self.get_key(k) for k in await _keys(self._keys)]
+        return [k for k in keys if tenant_id is None or k.tenant == tenant_id]
+
+    async def update_key(self, key_id: str, patch: dict) -> ApiKey:
+        key = _patched(await self.get_key(key_id), patch, KEY_FIELDS, ApiKey)
+        await self._keys.put(key_id, _encode(key))
+        return key
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        """Revoke for good; the record stays, marked, for audit."""
+        key = msgspec.structs.replace(await self.get_key(key_id), revoked=True)
+        await self._keys.put(key_id, _encode(key))
+        return key
+
+
+async def _keys(kv: KeyValue) -> list[str]:
+    try:
+        return sorted(await kv.keys())
+    except nats.js.errors.NoKeysError:
+        return []

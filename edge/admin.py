@@ -1,0 +1,108 @@
+"""The admin API (``/admin/...``, admin token only): tenants and API keys."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from aiohttp import web
+
+from bus.errors import InvalidRequest
+from bus.tenancy import ApiKey, Limits, Tenant
+from bus.tenancy_store import TenancyStore
+from edge.errors import decode_body
+
+
+class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
+    name: str = ""
+    expires_at: float | None = None  # unix seconds
+    expires_in: float | None = None  # seconds from now
+    models: list[str] | None = None
+    endpoints: list[str] | None = None
+    limits: Limits = Limits()
+    model_limits: dict[str, Limits] = {}
+
+
+def _json(data, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json")
+
+
+def key_view(key: ApiKey) -> dict:
+    """A key as the admin API shows it: everything but the hash."""
+    view = msgspec.to_builtins(key)
+    view.pop("hash")
+    return view
+
+
+def _store(request: web.Request) -> TenancyStore:
+    request.app["auth"].require_admin(request)
+    return request.app["tenancy"]
+
+
+async def _patch(request: web.Request) -> dict:
+    patch = decode_body(await request.read(), dict)
+    if not patch:
+        raise InvalidRequest("nothing to change")
+    return patch
+
+
+async def create_tenant(request: web.Request) -> web.Response:
+    store = _store(request)
+    tenant = await store.create_tenant(decode_body(await request.read(), Tenant))
+    return _json(tenant, 201)
+
+
+async def list_tenants(request: web.Request) -> web.Response:
+    return _json({"object": "list", "data": await _store(request).list_tenants()})
+
+
+async def get_tenant(request: web.Request) -> web.Response:
+    return _json(await _store(request).get_tenant(request.match_info["tenant"]))
+
+
+async def update_tenant(request: web.Request) -> web.Response:
+    store = _store(request)
+    return _json(await store.update_tenant(request.match_info["tenant"], await _patch(request)))
+
+
+async def create_key(request: web.Request) -> web.Response:
+    store = _store(request)
+    spec = decode_body(await request.read() or b"{}", KeyCreate)
+    if spec.expires_at is not None and spec.expires_in is not None:
+        raise InvalidRequest("set expires_at or expires_in, not both", param="expires_in")
+    expires = spec.expires_at if spec.expires_in is None else time.time() + spec.expires_in
+    key, secret = await store.create_key(
+        request.match_info["tenant"], name=spec.name, expires=expires, models=spec.models,
+        endpoints=spec.endpoints, limits=spec.limits, model_limits=spec.model_limits,
+    )
+    return _json({"key": secret, **key_view(key)}, 201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    keys = await _store(request).list_keys(request.query.get("tenant"))
+    return _json({"object": "list", "data": [key_view(k) for k in keys]})
+
+
+async def get_key(request: web.Request) -> web.Response:
+    return _json(key_view(await _store(request).get_key(request.match_info["key"])))
+
+
+async def update_key(request: web.Request) -> web.Response:
+    store = _store(request)
+    return _json(key_view(await store.update_key(request.match_info["key"], await _patch(request))))
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    return _json(key_view(await _store(request).revoke_key(request.match_info["key"])))
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_post("/admin/tenants", create_tenant)
+    router.add_get("/admin/tenants", list_tenants)
+    router.add_get("/admin/tenants/{tenant}", get_tenant)
+    router.add_patch("/admin/tenants/{tenant}", update_tenant)
+    router.add_post("/admin/tenants/{tenant}/keys", create_key)
+    router.add_get("/admin/keys", list_keys)
+    router.add_get("/admin/keys/{key}", get_key)
+    router.add_patch("/admin/keys/{key}", update_key)
+    router.add_delete("/admin/keys/{key}", revoke_key)

@@ -1,0 +1,213 @@
+"""Rate limits that hold across every edge process, with no round trip on most requests.
+
+Per-minute budgets (requests, tokens) live in JetStream counters, one subject
+per scope and minute (``Nats-Incr``). An edge claims a *lease* — a slice of
+the minute's allowance — and spends it locally; the counter's total after a
+claim says how much of the claim fits under the limit. Claims can only
+under-use the limit (a lease left unspent when the minute ends is lost), never
+exceed it, however many edges there are.
+
+Requests in flight are counted in one KV entry per scope: a map of edge id ->
+(count, last seen), changed by compare-and-set, so the check is exact; an
+edge that dies stops counting once its entry goes stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from bus.errors import RateLimited
+from bus.subjects import rate_counter, token
+from bus.tenancy import Limits, Policy
+
+log = logging.getLogger(__name__)
+
+WINDOW_S = 60
+# Completion tokens assumed at admission when a request sets no max_tokens; settled later.
+DEFAULT_COMPLETION_ESTIMATE = 256
+_STALE_S = 30.0
+_CAS_TRIES = 8
+
+
+class MinuteBudget:
+    """One scope's per-minute allowance of one metric, spent from local leases."""
+
+    def __init__(self, js: JetStreamContext, metric: str, scope: str, limit: int):
+        self._js, self.metric, self.scope, self.limit = js, metric, scope, limit
+        self._lease = max(1, limit // 20)
+        self._window, self._left, self._seen = -1, 0, 0
+
+    def _roll(self, window: int) -> None:
+        if window != self._window:
+            self._window, self._left, self._seen = window, 0, 0
+
+    async def take(self, n: int, now: float) -> bool:
+        window = int(now // WINDOW_S)
+        self._roll(window)
+        if self._left < n:
+            want = max(n - self._left, self._lease)
+            total = await add(self._js, rate_counter(self.metric, self.scope, window), want)
+            self._roll(window)
+            self._seen = max(self._seen, total)
+            self._left += max(0, min(want, self.limit - (total - want)))
+        if self._left < n:
+            return False
+        self._left -= n
+        return True
+
+    def remaining(self) -> int:
+        return max(0, self.limit - self._seen) + self._left
+
+
+async def add(js: JetStreamContext, subject: str, n: int) -> int:
+    """Add ``n`` to a shared counter; return its new total."""
+    ack = await js.publish(subject, b"", headers={"Nats-Incr": f"{n:+d}"})
+    return int(ack.val)
+
+
+class InFlight:
+    """Exact cross-edge counts of requests in flight, one CAS'd KV entry per scope."""
+
+    def __init__(self, kv: KeyValue, edge_id: str):
+        self._kv, self._edge = kv, edge_id
+        self._mine: dict[str, int] = {}
+
+    async def _change(self, scope: str, delta: int, limit: int | None) -> bool:
+        key = token(scope)
+        for _ in range(_CAS_TRIES):
+            now = time.time()
+            try:
+                entry = await self._kv.get(key)
+                counts, revision = msgspec.msgpack.decode(entry.value), entry.revision
+            except nats.js.errors.KeyNotFoundError:
+                counts, revision = {}, None
+            counts = {e: v for e, v in counts.items() if now - v[1] < _STALE_S or e == self._edge}
+            if limit is not None and sum(v[0] for v in counts.values()) + delta > limit:
+                return False
+            mine = max(0, counts.get(self._edge, [0, 0])[0] + delta)
+            counts[self._edge] = [mine, now]
+            try:
+                data = msgspec.msgpack.encode(counts)
+                if revision is None:
+                    await self._kv.create(key, data)
+                else:
+                    await self._kv.update(key, data, last=revision)
+                self._mine[scope] = mine
+                return True
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # another edge changed it first
+        return False
+
+    async def acquire(self, scope: str, limit: int) -> bool:
+        return await self._change(scope, +1, limit)
+
+    async def release(self, scope: str) -> None:
+        if not await self._change(scope, -1, None):
+            log.warning("could not release an in-flight slot for %s; it goes stale in %ss", scope, _STALE_S)
+
+    async def keep_fresh(self) -> None:
+        """Re-stamp this edge's entries so long requests are not mistaken for a dead edge's."""
+        while True:
+            await asyncio.sleep(_STALE_S / 3)
+            for scope, count in list(self._mine.items()):
+                if count:
+                    with contextlib.suppress(Exception):
+                        await self._change(scope, 0, None)
+
+
+def _reset(seconds: float) -> str:
+    whole = math.ceil(seconds)
+    return f"{whole // 60}m{whole % 60}s" if whole >= 60 else f"{whole}s"
+
+
+@dataclass
+class Admission:
+    """What admission charged, to settle when the request ends."""
+
+    headers: dict[str, str]
+    window: int
+    token_budgets: list[MinuteBudget]
+    estimate: int
+    in_flight: list[str] = field(default_factory=list)
+
+
+class RateLimiter:
+    def __init__(self, js: JetStreamContext, inflight: InFlight):
+        self._js = js
+        self._inflight = inflight
+        self._budgets: dict[tuple[str, str, int], MinuteBudget] = {}
+        self._settling: set[asyncio.Task] = set()
+
+    def _budget(self, metric: str, scope: str, limit: int) -> MinuteBudget:
+        key = (metric, scope, limit)  # a changed limit starts a fresh local budget
+        budget = self._budgets.get(key)
+        if budget is None:
+            budget = self._budgets[key] = MinuteBudget(self._js, metric, scope, limit)
+        return budget
+
+    async def admit(self, policy: Policy, tenant: str, key_id: str, estimate: int) -> Admission:
+        """Charge one request and ``estimate`` tokens to the key and the tenant, or raise RateLimited."""
+        now = time.time()
+        reset = WINDOW_S - now % WINDOW_S
+        scopes: list[tuple[str, Limits]] = [(f"k.{key_id}", policy.key_limits), (f"t.{tenant}", policy.tenant_limits)]
+        headers: dict[str, str] = {}
+        token_budgets: list[MinuteBudget] = []
+        for metric, limit_of, amount in (("requests", "rpm", 1), ("tokens", "tpm", estimate)):
+            budgets = [self._budget(metric, scope, getattr(lim, limit_of)) for scope, lim in scopes
+                       if getattr(lim, limit_of) is not None]
+            for budget in budgets:
+                if not await budget.take(amount, now):
+                    who = "this API key" if budget.scope.startswith("k.") else "your organization"
+                    raise RateLimited(
+                        f"Rate limit reached for {who} on {metric} per minute: limit {budget.limit}. "
+                        f"Try again in {_reset(reset)}.",
+                        kind=metric,
+                        retry_after_s=reset,
+                    )
+            if budgets:
+                tightest = min(budgets, key=MinuteBudget.remaining)
+                headers[f"x-ratelimit-limit-{metric}"] = str(tightest.limit)
+                headers[f"x-ratelimit-remaining-{metric}"] = str(tightest.remaining())
+                headers[f"x-ratelimit-reset-{metric}"] = _reset(reset)
+            if metric == "tokens":
+                token_budgets = budgets
+        admission = Admission(headers, int(now // WINDOW_S), token_budgets, estimate)
+        for scope, lim in scopes:
+            if lim.concurrency is None:
+                continue
+            if not await self._inflight.acquire(scope, lim.concurrency):
+                await self.finish(admission, None)
+                raise RateLimited(
+                    f"Too many requests in flight: limit {lim.concurrency}. Try again when one finishes.",
+                    kind="requests",
+                    retry_after_s=1,
+                )
+            admission.in_flight.append(scope)
+        return admission
+
+    def finish_soon(self, admission: Admission, actual_tokens: int | None) -> None:
+        """``finish`` off the response's path: the client need not wait for the bookkeeping."""
+        if admission.in_flight or admission.token_budgets:
+            task = asyncio.create_task(self.finish(admission, actual_tokens))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def finish(self, admission: Admission, actual_tokens: int | None) -> None:
+        """Free the in-flight slots and correct the token estimate by what was really used."""
+        for scope in admission.in_flight:
+            await self._inflight.release(scope)
+        if actual_tokens is not None and actual_tokens != admission.estimate:
+            for budget in admission.token_budgets:
+                with contextlib.suppress(Exception):
+                    await add(self._js, rate_counter("tokens", budget.scope, admission.window),
+                              actual_tokens - admission.estimate)
