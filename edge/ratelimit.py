@@ -3,9 +3,9 @@
 Per-minute budgets (requests, tokens) live in JetStream counters, one subject
 per scope and minute (``Nats-Incr``). An edge claims a *lease* — a slice of
 the minute's allowance — and spends it locally; the counter's total after a
-claim says how much of the claim fits under the limit. Claims can only
-under-use the limit (a lease left unspent when the minute ends is lost), never
-exceed it, however many edges there are.
+claim says how much of the claim fits under the limit, and the part that does
+not is given back. Claims can only under-use the limit (a lease left unspent
+when the minute ends is lost), never exceed it, however many edges there are.
 
 Requests in flight are counted in one KV entry per scope: a map of edge id ->
 (count, last seen), changed by compare-and-set, so the check is exact; an
@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -36,7 +37,7 @@ WINDOW_S = 60
 # Completion tokens assumed at admission when a request sets no max_tokens; settled later.
 DEFAULT_COMPLETION_ESTIMATE = 256
 _STALE_S = 30.0
-_CAS_TRIES = 8
+_CAS_TRIES = 20
 
 
 class MinuteBudget:
@@ -46,6 +47,7 @@ class MinuteBudget:
         self._js, self.metric, self.scope, self.limit = js, metric, scope, limit
         self._lease = max(1, limit // 20)
         self._window, self._left, self._seen = -1, 0, 0
+        self._claiming = asyncio.Lock()
 
     def _roll(self, window: int) -> None:
         if window != self._window:
@@ -55,15 +57,25 @@ class MinuteBudget:
         window = int(now // WINDOW_S)
         self._roll(window)
         if self._left < n:
-            want = max(n - self._left, self._lease)
-            total = await add(self._js, rate_counter(self.metric, self.scope, window), want)
-            self._roll(window)
-            self._seen = max(self._seen, total)
-            self._left += max(0, min(want, self.limit - (total - want)))
+            # One claim in flight per budget: the others wait for it and spend its lease.
+            async with self._claiming:
+                self._roll(window)
+                if self._left < n:
+                    await self._claim(window, max(n - self._left, self._lease))
         if self._left < n:
             return False
         self._left -= n
         return True
+
+    async def _claim(self, window: int, want: int) -> None:
+        subject = rate_counter(self.metric, self.scope, window)
+        total = await add(self._js, subject, want)
+        granted = max(0, min(want, self.limit - (total - want)))
+        if granted < want:  # give back what did not fit, so nobody is refused for it
+            total = await add(self._js, subject, granted - want)
+        self._roll(window)
+        self._seen = max(self._seen, total)
+        self._left += granted
 
     def remaining(self) -> int:
         return max(0, self.limit - self._seen) + self._left
@@ -81,10 +93,17 @@ class InFlight:
     def __init__(self, kv: KeyValue, edge_id: str):
         self._kv, self._edge = kv, edge_id
         self._mine: dict[str, int] = {}
+        # One change at a time per scope from this edge: only other edges can race a CAS.
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def _change(self, scope: str, delta: int, limit: int | None) -> bool:
+        lock = self._locks.setdefault(scope, asyncio.Lock())
+        async with lock:
+            return await self._cas(scope, delta, limit)
+
+    async def _cas(self, scope: str, delta: int, limit: int | None) -> bool:
         key = token(scope)
-        for _ in range(_CAS_TRIES):
+        for attempt in range(_CAS_TRIES):
             now = time.time()
             try:
                 entry = await self._kv.get(key)
@@ -105,14 +124,16 @@ class InFlight:
                 self._mine[scope] = mine
                 return True
             except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # another edge changed it first
-        return False
+                await asyncio.sleep(random.uniform(0, 0.001 * attempt))  # another edge changed it first
+        raise RuntimeError(f"in-flight count for {scope} too contended to change")
 
     async def acquire(self, scope: str, limit: int) -> bool:
         return await self._change(scope, +1, limit)
 
     async def release(self, scope: str) -> None:
-        if not await self._change(scope, -1, None):
+        try:
+            await self._change(scope, -1, None)
+        except Exception:
             log.warning("could not release an in-flight slot for %s; it goes stale in %ss", scope, _STALE_S)
 
     async def keep_fresh(self) -> None:

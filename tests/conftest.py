@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import nats
 import pytest
 from openai import AsyncOpenAI
@@ -240,3 +241,20 @@ async def eventually(check, timeout: float = 10.0):
 
 def request_id(completion_id: str) -> str:
     return completion_id.removeprefix("chatcmpl-")
+
+
+@pytest.fixture(scope="session")
+def second_edge(stack) -> str:
+    """Another edge process on the same NATS: shared state must hold across both."""
+    port = free_port()
+    stack.spawn("edge", env={"TOLLGATE_EDGE_PORT": str(port)})
+    base_url = f"http://127.0.0.1:{port}"
+    stack.wait_serving(CHAT_MODEL, base_url=base_url, timeout=60)
+    return base_url
+
+
+async def admin(stack: Stack, method: str, path: str, token: str = ADMIN_TOKEN, **kw) -> tuple[int, dict]:
+    """Call the admin API; return the status and the JSON body."""
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, stack.base_url + path, headers={"Authorization": f"Bearer {token}"}, **kw) as r:
+            return r.status, await r.json()
