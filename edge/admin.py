@@ -10,7 +10,7 @@ from aiohttp import web
 from bus.errors import InvalidRequest
 from bus.tenancy import ApiKey, Limits, Tenant
 from bus.tenancy_store import TenancyStore
-from edge.errors import decode_body
+from bus.validation import decode_json as decode_body
 
 
 class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):

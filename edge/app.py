@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from pathlib import Path
 
 import msgspec
@@ -11,36 +12,35 @@ import nats
 from aiohttp import web
 
 from bus.issuers import register_issuer
-from bus.liveness import LiveWorkers
+from bus.openai_types import ModelCard, ModelList
 from bus.protocol import IssuerGrant
+from bus.publisher import Publisher
 from bus.provision import provision
 from bus.settings import Settings
 from bus.signing import Identity
-from bus.subjects import INFLIGHT_BUCKET, KEYS_BUCKET, TENANTS_BUCKET, WORKERS_BUCKET
+from bus.subjects import INFLIGHT_BUCKET, KEYS_BUCKET, TENANTS_BUCKET
 from bus.tenancy_store import TenancyStore, decode_key, decode_tenant
 from bus.watched import WatchedBucket
 from edge.admin import add_routes
 from edge.auth import Authenticator
 from edge.chat import chat_completions
 from edge.errors import error_middleware
-from edge.gateway import Gateway
 from edge.ratelimit import InFlight, RateLimiter
-from edge.openai_types import ModelCard, ModelList
 
 log = logging.getLogger(__name__)
 
 
 async def list_models(request: web.Request) -> web.Response:
     principal = request.app["auth"].authenticate(request, "models")
-    names = request.app["gateway"].settings.models
+    names = request.app["settings"].models
     cards = [ModelCard(name) for name in names if principal.policy(name).model_allowed]
     return web.Response(body=msgspec.json.encode(ModelList(cards)), content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:
-    gateway: Gateway = request.app["gateway"]
-    models = {name: gateway.live.serving(name) for name in gateway.settings.models}
-    ok = gateway.nc.is_connected
+    publisher: Publisher = request.app["publisher"]
+    models = {name: publisher.live.serving(name) for name in request.app["settings"].models}
+    ok = publisher.nc.is_connected
     return web.json_response({"status": "ok" if ok else "degraded", "models": models}, status=200 if ok else 503)
 
 
@@ -51,6 +51,7 @@ def edge_identity_path(settings: Settings) -> Path:
 def create_app(settings: Settings) -> web.Application:
     """Build the edge application; it connects to NATS when it starts."""
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.edge.max_body_bytes)
+    app["settings"] = settings
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
@@ -63,23 +64,25 @@ def create_app(settings: Settings) -> web.Application:
         identity = Identity.load_or_create(edge_identity_path(settings))
         # Until the issuer registry is operator-managed, an edge vouches for every tenant it authenticates.
         await register_issuer(js, identity.public_key, IssuerGrant("edge", ["*"]))
-        live = LiveWorkers(await js.key_value(WORKERS_BUCKET))
         tenants = WatchedBucket(await js.key_value(TENANTS_BUCKET), decode_tenant)
         keys = WatchedBucket(await js.key_value(KEYS_BUCKET), decode_key)
-        for mirror in (live, tenants, keys):
+        for mirror in (tenants, keys):
             await mirror.start()
-        gateway = Gateway(settings, nc, identity, live)
-        await gateway.start()
-        inflight = InFlight(await js.key_value(INFLIGHT_BUCKET), gateway.edge_id)
+        edge_id = "edge-" + uuid.uuid4().hex[:12]
+        publisher = Publisher(
+            nc, identity, edge_id, deadline_s=settings.edge.request_timeout_s, silence_s=settings.edge.worker_silence_s
+        )
+        await publisher.start()
+        inflight = InFlight(await js.key_value(INFLIGHT_BUCKET), edge_id)
         fresh = asyncio.create_task(inflight.keep_fresh())
-        app["gateway"] = gateway
+        app["publisher"] = publisher
         app["auth"] = Authenticator(tenants, keys, settings.tiers, settings.edge.admin_token)
         app["tenancy"] = await TenancyStore.open(js, set(settings.tiers))
         app["limiter"] = RateLimiter(js, inflight)
         yield
         fresh.cancel()
-        await gateway.stop()
-        for mirror in (live, tenants, keys):
+        await publisher.stop()
+        for mirror in (tenants, keys):
             await mirror.stop()
         await nc.drain()
 

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 
 import msgspec
 from aiohttp import web
 
-from bus.errors import InvalidRequest, RateLimited, TollgateError
-from edge.openai_types import ErrorBody, ErrorResponse
+from bus.errors import RateLimited, TollgateError
+from bus.openai_types import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
 
-_PATH = re.compile(r" - at `\$\.?(.*)`$")
-_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
 
 
 def error_response(exc: TollgateError, headers: dict[str, str] | None = None) -> web.Response:
@@ -26,28 +23,6 @@ def error_response(exc: TollgateError, headers: dict[str, str] | None = None) ->
 def error_event(exc: TollgateError) -> bytes:
     """The SSE event that reports an error after a stream has begun."""
     return b"data: " + msgspec.json.encode(ErrorResponse(ErrorBody(exc.message, exc.type, exc.param, exc.code))) + b"\n\n"
-
-
-def decode_body(data: bytes, type_):
-    """Decode and validate a JSON body, turning any failure into a 400 that names the field."""
-    try:
-        return msgspec.json.decode(data, type=type_)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        unknown = _UNKNOWN_FIELD.search(text)
-        path = _PATH.search(text)
-        if unknown:
-            name = unknown.group(1)
-            prefix = path.group(1) if path and path.group(1) else ""
-            param = f"{prefix}.{name}" if prefix else name
-            raise InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param) from None
-        param = path.group(1) if path and path.group(1) else None
-        message = _PATH.sub("", text)
-        raise InvalidRequest(f"Invalid value for '{param}': {message}" if param else message, param=param) from None
-    except msgspec.DecodeError:
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. The body must be a JSON object."
-        ) from None
 
 
 _HTTP_TYPES = {404: ("invalid_request_error", "unknown_url"), 405: ("invalid_request_error", "method_not_allowed"),

@@ -1,4 +1,9 @@
-"""Publishing signed work and relaying the reply frames that come back for it."""
+"""Publishing signed work and relaying the reply frames that come back for it.
+
+The edge and the SDK for internal services both publish through a
+``Publisher``: one identity, one wildcard reply subscription, one local view
+of which models have live workers.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from typing import AsyncIterator
 
 from nats.aio.client import Client
@@ -17,9 +21,8 @@ from bus.errors import DeadlineExceeded, NoCapacity, TollgateError, WorkerFailed
 from bus.ids import new_request_id
 from bus.liveness import LiveWorkers
 from bus.protocol import Delta, Envelope, Failed, Final, Frame, RequestBody, Started, decode_frame
-from bus.settings import Settings
 from bus.signing import Identity
-from bus.subjects import CANCELLED_BUCKET, cancel_subject, reply_subject, reply_wildcard, request_subject
+from bus.subjects import CANCELLED_BUCKET, WORKERS_BUCKET, cancel_subject, reply_subject, reply_wildcard, request_subject
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +30,12 @@ log = logging.getLogger(__name__)
 class Call:
     """One request in flight: its frames in order, with deadline and worker-silence checks."""
 
-    def __init__(self, gateway: "Gateway", envelope: Envelope):
+    def __init__(self, envelope: Envelope, silence_s: float):
         self.envelope = envelope
-        self._gateway = gateway
+        self._silence = silence_s
         self._queue: asyncio.Queue[Frame] = asyncio.Queue()
         self.done = False
+        self.final: Final | None = None
 
     def deliver(self, frame: Frame) -> None:
         self._queue.put_nowait(frame)
@@ -42,16 +46,15 @@ class Call:
         Until a worker takes the request only the deadline applies; once one
         has, it must keep talking (heartbeats), or the request fails fast.
         """
-        silence = self._gateway.settings.edge.worker_silence_s
         expected, started = 0, False
         while True:
             remaining = self.envelope.deadline - time.time()
             if remaining <= 0:
                 raise DeadlineExceeded("The request did not complete before its deadline.")
             try:
-                frame = await asyncio.wait_for(self._queue.get(), min(remaining, silence) if started else remaining)
+                frame = await asyncio.wait_for(self._queue.get(), min(remaining, self._silence) if started else remaining)
             except asyncio.TimeoutError:
-                if started and remaining > silence:
+                if started and remaining > self._silence:
                     raise WorkerFailed("The worker running this request stopped responding.") from None
                 continue
             if frame.seq != expected:
@@ -64,37 +67,40 @@ class Call:
                 started = True
             elif isinstance(frame, (Delta, Final)):
                 if isinstance(frame, Final):
-                    self.done = True
+                    self.done, self.final = True, frame
                 yield frame
                 if self.done:
                     return
 
 
-class Gateway:
-    """Owns this edge's identity, its reply subscription and the liveness view."""
+class Publisher:
+    """Signs and publishes work as ``publisher_id`` and routes the replies back to each caller."""
 
-    def __init__(self, settings: Settings, nc: Client, identity: Identity, live: LiveWorkers):
-        self.settings = settings
+    def __init__(self, nc: Client, identity: Identity, publisher_id: str, *, deadline_s: float, silence_s: float):
         self.nc = nc
         self.js = nc.jetstream()
         self.identity = identity
-        self.live = live
-        self.edge_id = uuid.uuid4().hex[:12]
+        self.publisher_id = publisher_id
+        self.deadline_s = deadline_s
+        self.silence_s = silence_s
         self._calls: dict[str, Call] = {}
         self._sub = None
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(reply_wildcard(self.edge_id), cb=self._on_reply)
+        self.live = LiveWorkers(await self.js.key_value(WORKERS_BUCKET))
+        await self.live.start()
         self._cancelled = await self.js.key_value(CANCELLED_BUCKET)
+        self._sub = await self.nc.subscribe(reply_wildcard(self.publisher_id), cb=self._on_reply)
 
     async def stop(self) -> None:
         if self._sub is not None:
             await self._sub.unsubscribe()
+        await self.live.stop()
 
     async def _on_reply(self, msg: Msg) -> None:
         call = self._calls.get(msg.subject.rsplit(".", 1)[-1])
         if call is None:
-            return  # a request this edge already finished
+            return  # a request this publisher already finished
         try:
             call.deliver(decode_frame(msg.data))
         except Exception:
@@ -116,12 +122,12 @@ class Gateway:
             model=model,
             lane=lane,
             created=now,
-            deadline=now + self.settings.edge.request_timeout_s,
-            reply=reply_subject(self.edge_id, request_id),
+            deadline=now + self.deadline_s,
+            reply=reply_subject(self.publisher_id, request_id),
             body=body,
         )
-        data, headers = seal(envelope, self.identity, self.settings.edge.request_timeout_s)
-        call = Call(self, envelope)
+        data, headers = seal(envelope, self.identity, self.deadline_s)
+        call = Call(envelope, self.silence_s)
         self._calls[request_id] = call
         try:
             await self.js.publish(request_subject(lane, model), data, headers=headers)

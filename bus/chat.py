@@ -1,0 +1,91 @@
+"""The chat kind between the OpenAI surface and the bus: request -> body, frames -> results.
+
+Shared by the edge and the SDK so both give back the very same typed results.
+"""
+
+from __future__ import annotations
+
+from bus.errors import InvalidRequest
+from bus.openai_types import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionChunkWithUsage,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    ChunkDelta,
+    CompletionUsage,
+    Message,
+    TextPart,
+)
+from bus.protocol import ChatBody, ChatMessage, Envelope, Final
+from bus.settings import ModelSpec
+
+
+def _text(message: Message, index: int) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    parts = []
+    for part in message.content:
+        if not isinstance(part, TextPart):
+            raise InvalidRequest("This model accepts text content only.", param=f"messages[{index}].content")
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def to_body(req: ChatCompletionRequest, spec: ModelSpec | None) -> ChatBody:
+    """The bus form of a validated OpenAI chat request, with the model's sampling defaults filled in."""
+    if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
+        raise InvalidRequest("Set max_tokens or max_completion_tokens, not both.", param="max_tokens")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if any(not s for s in stop):
+        raise InvalidRequest("Stop sequences must not be empty.", param="stop")
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequest("stream_options is only allowed when stream is true.", param="stream_options")
+    return ChatBody(
+        messages=[ChatMessage(m.role, _text(m, i)) for i, m in enumerate(req.messages)],
+        max_tokens=req.max_completion_tokens or req.max_tokens,
+        temperature=spec.temperature if req.temperature is None and spec else req.temperature,
+        top_p=spec.top_p if req.top_p is None and spec else req.top_p,
+        stop=stop,
+        seed=req.seed,
+        stream=req.stream,
+    )
+
+
+def usage_of(final: Final) -> CompletionUsage:
+    u = final.usage
+    return CompletionUsage(u.prompt_tokens, u.completion_tokens, u.prompt_tokens + u.completion_tokens)
+
+
+class ChatResults:
+    """Builds the OpenAI objects for one request: a whole completion, or its stream of chunks."""
+
+    def __init__(self, envelope: Envelope, model: str, tier: str, include_usage: bool = False):
+        self.id = "chatcmpl-" + envelope.id
+        self.created = int(envelope.created)
+        self.model, self.tier = model, tier
+        self._chunk = ChatCompletionChunkWithUsage if include_usage else ChatCompletionChunk
+
+    def completion(self, text: str, final: Final) -> ChatCompletion:
+        choice = Choice(AssistantMessage(text), final.finish_reason)
+        return ChatCompletion(self.id, self.created, self.model, [choice], usage_of(final), self.tier)
+
+    def chunk(self, choices: list[ChunkChoice], **extra) -> ChatCompletionChunk:
+        return self._chunk(self.id, self.created, self.model, choices, self.tier, **extra)
+
+    def opening(self) -> ChatCompletionChunk:
+        return self.chunk([ChunkChoice(ChunkDelta(role="assistant", content=""))])
+
+    def delta(self, text: str) -> ChatCompletionChunk:
+        return self.chunk([ChunkChoice(ChunkDelta(content=text))])
+
+    def closing(self, final: Final) -> list[ChatCompletionChunk]:
+        """The finish chunk, then the usage chunk when ``include_usage`` was asked for."""
+        chunks = [self.chunk([ChunkChoice(ChunkDelta(), final.finish_reason)])]
+        if self._chunk is ChatCompletionChunkWithUsage:
+            chunks.append(self.chunk([], usage=usage_of(final)))
+        return chunks

@@ -1,0 +1,90 @@
+"""The Python SDK for internal services that publish straight to NATS.
+
+It signs with the service's own identity (which an operator grants tenants
+in the issuer registry) and returns the same typed results as the edge::
+
+    client = await TollgateClient.connect("nats://127.0.0.1:4222", seed_path, service="reports",
+                                          tenant="acme")
+    reply = await client.chat("smollm2-135m", [{"role": "user", "content": "Hi"}])
+    async for chunk in client.chat_stream("smollm2-135m", messages, include_usage=True):
+        ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import AsyncIterator
+
+import msgspec
+import nats
+
+from bus.chat import ChatResults, to_body
+from bus.openai_types import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from bus.publisher import Publisher
+from bus.settings import ModelSpec
+from bus.signing import Identity
+from bus.subjects import LANES, token
+from bus.validation import decode_json
+
+
+class TollgateClient:
+    def __init__(self, publisher: Publisher, *, tenant: str, principal: str, lane: str,
+                 models: dict[str, ModelSpec] | None = None):
+        if lane not in LANES:
+            raise ValueError(f"unknown lane {lane!r}")
+        self._publisher = publisher
+        self.tenant, self.principal, self.lane = tenant, principal, lane
+        self._models = models or {}
+
+    @classmethod
+    async def connect(cls, url: str, seed_path: Path, *, service: str, tenant: str, lane: str = "normal",
+                      deadline_s: float = 120.0, silence_s: float = 5.0, models: dict[str, ModelSpec] | None = None,
+                      **nats_options) -> "TollgateClient":
+        """Connect as ``service`` (its replies come on ``tg.reply.<service>.*``), billing ``tenant``."""
+        nc = await nats.connect(url, name=f"tollgate-sdk-{service}", **nats_options)
+        publisher = Publisher(nc, Identity.load_or_create(Path(seed_path)), token(service),
+                              deadline_s=deadline_s, silence_s=silence_s)
+        await publisher.start()
+        return cls(publisher, tenant=tenant, principal=f"svc:{service}", lane=lane, models=models)
+
+    async def close(self) -> None:
+        await self._publisher.stop()
+        await self._publisher.nc.drain()
+
+    def _request(self, model: str, messages: list, stream: bool, params: dict) -> ChatCompletionRequest:
+        data = msgspec.json.encode({"model": model, "messages": messages, "stream": stream, **params})
+        return decode_json(data, ChatCompletionRequest)
+
+    def _submit(self, req: ChatCompletionRequest, lane: str | None):
+        return self._publisher.submit(
+            tenant=self.tenant, principal=self.principal, model=req.model, lane=lane or self.lane, kind="chat",
+            body=to_body(req, self._models.get(req.model)),
+        )
+
+    def _tier(self, lane: str | None) -> str:
+        lane = lane or self.lane
+        if lane == self.lane:
+            return "default"
+        return "priority" if LANES.index(lane) < LANES.index(self.lane) else "flex"
+
+    async def chat(self, model: str, messages: list, *, lane: str | None = None, **params) -> ChatCompletion:
+        """One chat completion; raises the same typed errors the edge maps to HTTP."""
+        req = self._request(model, messages, False, params)
+        async with self._submit(req, lane) as call:
+            text = [frame.text async for frame in call.frames()]
+            return ChatResults(call.envelope, model, self._tier(lane)).completion("".join(text), call.final)
+
+    async def chat_stream(self, model: str, messages: list, *, lane: str | None = None, include_usage: bool = False,
+                          **params) -> AsyncIterator[ChatCompletionChunk]:
+        """Chunks as the worker produces them; leaving the loop early cancels the request."""
+        if include_usage:
+            params["stream_options"] = {"include_usage": True}
+        req = self._request(model, messages, True, params)
+        async with self._submit(req, lane) as call:
+            results = ChatResults(call.envelope, model, self._tier(lane), include_usage)
+            yield results.opening()
+            async for frame in call.frames():
+                if frame.text:
+                    yield results.delta(frame.text)
+            for chunk in results.closing(call.final):
+                yield chunk
