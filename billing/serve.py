@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import signal
 
-import nats
 
 from billing.clickhouse import ClickHouse
 from billing.meter import Meter
 from billing.schema import apply_schema
+from bus.connect import connect
 from bus.settings import Settings
 
 
@@ -17,7 +17,7 @@ async def serve_meter(settings: Settings) -> None:
     """Apply the schema, then meter usage into ClickHouse until SIGINT or SIGTERM."""
     ch = await asyncio.to_thread(ClickHouse, settings.clickhouse)
     await apply_schema(ch)
-    nc = await nats.connect(settings.nats.url, name="tollgate-meter", max_reconnect_attempts=-1)
+    nc = await connect(settings.nats, "tollgate-meter")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

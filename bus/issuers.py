@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgspec
+import nats.js.errors
 from nats.js import JetStreamContext
 
 from bus.protocol import IssuerGrant
@@ -16,6 +17,15 @@ async def register_issuer(js: JetStreamContext, public_key: str, grant: IssuerGr
     """Trust ``public_key`` to publish work for ``grant.tenants``."""
     kv = await js.key_value(ISSUERS_BUCKET)
     await kv.put(public_key, msgspec.msgpack.encode(grant))
+
+
+async def issuer_registered(js: JetStreamContext, public_key: str) -> bool:
+    kv = await js.key_value(ISSUERS_BUCKET)
+    try:
+        await kv.get(public_key)
+        return True
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        return False
 
 
 async def watch_issuers(js: JetStreamContext) -> WatchedBucket[IssuerGrant]:

@@ -3,8 +3,9 @@
 It signs with the service's own identity (which an operator grants tenants
 in the issuer registry) and returns the same typed results as the edge::
 
-    client = await TollgateClient.connect("nats://127.0.0.1:4222", seed_path, service="reports",
-                                          tenant="acme")
+    nats_settings = NatsSettings(url="nats://127.0.0.1:4222", user="svc_reports", password=...,
+                                 inbox_prefix="_INBOX_svc_reports")
+    client = await TollgateClient.connect(nats_settings, seed_path, service="reports", tenant="acme")
     reply = await client.chat("smollm2-135m", [{"role": "user", "content": "Hi"}])
     async for chunk in client.chat_stream("smollm2-135m", messages, include_usage=True):
         ...
@@ -16,12 +17,12 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import msgspec
-import nats
 
 from bus.chat import ChatResults, to_body
 from bus.openai_types import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from bus.publisher import Publisher
-from bus.settings import ModelSpec
+from bus.connect import connect
+from bus.settings import ModelSpec, NatsSettings
 from bus.signing import Identity
 from bus.subjects import LANES, token
 from bus.validation import decode_json
@@ -37,11 +38,14 @@ class TollgateClient:
         self._models = models or {}
 
     @classmethod
-    async def connect(cls, url: str, seed_path: Path, *, service: str, tenant: str, lane: str = "normal",
-                      deadline_s: float = 120.0, silence_s: float = 5.0, models: dict[str, ModelSpec] | None = None,
-                      **nats_options) -> "TollgateClient":
-        """Connect as ``service`` (its replies come on ``tg.reply.<service>.*``), billing ``tenant``."""
-        nc = await nats.connect(url, name=f"tollgate-sdk-{service}", **nats_options)
+    async def connect(cls, nats_settings: NatsSettings, seed_path: Path, *, service: str, tenant: str,
+                      lane: str = "normal", deadline_s: float = 120.0, silence_s: float = 5.0,
+                      models: dict[str, ModelSpec] | None = None) -> "TollgateClient":
+        """Connect as ``service`` (its replies come on ``tg.reply.<service>.*``), billing ``tenant``.
+
+        ``nats_settings`` carries the service's own NATS user (``svc_<service>``) and inbox prefix.
+        """
+        nc = await connect(nats_settings, f"tollgate-sdk-{service}")
         publisher = Publisher(nc, Identity.load_or_create(Path(seed_path)), token(service),
                               deadline_s=deadline_s, silence_s=silence_s)
         await publisher.start()

@@ -20,6 +20,11 @@ from bus.tenancy import DEFAULT_TIERS, Tier
 
 class NatsSettings(msgspec.Struct, forbid_unknown_fields=True):
     url: str = "nats://127.0.0.1:4222"
+    # This process's NATS user: one per role (infra/nats/roles.py), each with its own permissions.
+    user: str = ""
+    password: str = ""
+    # Replies to this role's requests arrive under this prefix, which only it may subscribe to.
+    inbox_prefix: str = "_INBOX"
 
 
 class EdgeSettings(msgspec.Struct, forbid_unknown_fields=True):

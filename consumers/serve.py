@@ -7,8 +7,8 @@ import logging
 import signal
 from pathlib import Path
 
-import nats
 
+from bus.connect import connect
 from bus.settings import ModelSpec, Settings
 from consumers.backends.base import ChatBackend
 from consumers.models import resolve
@@ -32,7 +32,7 @@ async def serve_model(settings: Settings, model: str, backend: ChatBackend | Non
     if backend is None:
         path = await asyncio.to_thread(resolve, model, spec, Path(settings.cache_dir))
         backend = await asyncio.to_thread(load_backend, spec, path)
-    nc = await nats.connect(settings.nats.url, name=f"tollgate-worker-{model}", max_reconnect_attempts=-1)
+    nc = await connect(settings.nats, f"tollgate-worker-{model}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

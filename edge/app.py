@@ -8,14 +8,12 @@ import uuid
 from pathlib import Path
 
 import msgspec
-import nats
 from aiohttp import web
 
-from bus.issuers import register_issuer
+from bus.connect import connect
+from bus.issuers import issuer_registered
 from bus.openai_types import ModelCard, ModelList
-from bus.protocol import IssuerGrant
 from bus.publisher import Publisher
-from bus.provision import provision
 from bus.settings import Settings
 from bus.signing import Identity
 from bus.subjects import INFLIGHT_BUCKET, KEYS_BUCKET, TENANTS_BUCKET
@@ -58,12 +56,12 @@ def create_app(settings: Settings) -> web.Application:
     add_routes(app.router)
 
     async def lifecycle(app: web.Application):
-        nc = await nats.connect(settings.nats.url, name="tollgate-edge", max_reconnect_attempts=-1)
+        nc = await connect(settings.nats, "tollgate-edge")
         js = nc.jetstream()
-        await provision(js, settings)
         identity = Identity.load_or_create(edge_identity_path(settings))
-        # Until the issuer registry is operator-managed, an edge vouches for every tenant it authenticates.
-        await register_issuer(js, identity.public_key, IssuerGrant("edge", ["*"]))
+        if not await issuer_registered(js, identity.public_key):
+            log.error("this edge's key %s is not in the issuer registry: workers will drop its requests "
+                      "(tollgate up registers it; elsewhere run `tollgate issuers add`)", identity.public_key)
         tenants = WatchedBucket(await js.key_value(TENANTS_BUCKET), decode_tenant)
         keys = WatchedBucket(await js.key_value(KEYS_BUCKET), decode_key)
         for mirror in (tenants, keys):

@@ -74,18 +74,17 @@ def _csv(value: str | None) -> list[str] | None:
     return None if value is None else [v for v in value.split(",") if v]
 
 
-def _tenancy(settings: Settings, action) -> int:
-    """Run ``action(store)`` against NATS KV and print its result as JSON."""
+def _on_bus(settings: Settings, action) -> int:
+    """Run ``action(js)`` with an operator connection and print its result as JSON."""
     import msgspec
-    import nats
 
+    from bus.connect import connect
     from bus.errors import TollgateError
-    from bus.tenancy_store import TenancyStore
 
     async def go():
-        nc = await nats.connect(settings.nats.url)
+        nc = await connect(settings.nats, "tollgate-cli", service=False)
         try:
-            return await action(await TenancyStore.open(nc.jetstream(), set(settings.tiers)))
+            return await action(nc.jetstream())
         finally:
             await nc.close()
 
@@ -98,6 +97,16 @@ def _tenancy(settings: Settings, action) -> int:
     return 0
 
 
+def _tenancy(settings: Settings, action) -> int:
+    """Run ``action(store)`` against the tenant and key buckets."""
+    from bus.tenancy_store import TenancyStore
+
+    async def go(js):
+        return await action(await TenancyStore.open(js, set(settings.tiers)))
+
+    return _on_bus(settings, go)
+
+
 def _tenant_fields(args) -> dict:
     fields = {"tier": args.tier, "name": args.name, "default_lane": args.default_lane,
               "allowed_lanes": _csv(args.allowed_lanes), "models": _csv(args.models)}
@@ -107,6 +116,28 @@ def _tenant_fields(args) -> dict:
     if getattr(args, "disabled", None) is not None:
         fields["disabled"] = args.disabled
     return fields
+
+
+def _cmd_provision(settings: Settings, args) -> int:
+    from bus.provision import provision
+
+    async def go(js):
+        await provision(js, settings)
+        return {"provisioned": True}
+
+    return _on_bus(settings, go)
+
+
+def _cmd_issuers_add(settings: Settings, args) -> int:
+    from bus.issuers import register_issuer
+    from bus.protocol import IssuerGrant
+
+    async def go(js):
+        grant = IssuerGrant(args.name, _csv(args.tenants) or [])
+        await register_issuer(js, args.public_key, grant)
+        return {"issuer": args.public_key, "grant": grant}
+
+    return _on_bus(settings, go)
 
 
 def _cmd_tenants_create(settings: Settings, args) -> int:
@@ -180,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     pull.set_defaults(run=_cmd_models_pull)
     models.add_parser("list", help="list configured models").set_defaults(run=_cmd_models_list)
 
+    sub.add_parser("provision", help="create or update the streams and buckets").set_defaults(run=_cmd_provision)
+    issuers = sub.add_parser("issuers", help="who may publish work").add_subparsers(dest="issuers_command", required=True)
+    add = issuers.add_parser("add", help="trust a publisher's public key to bill some tenants")
+    add.add_argument("public_key")
+    add.add_argument("--name", required=True)
+    add.add_argument("--tenants", required=True, help="comma-separated tenants, or * for any")
+    add.set_defaults(run=_cmd_issuers_add)
+
     tenants = sub.add_parser("tenants", help="tenants (in NATS KV)").add_subparsers(dest="tenants_command", required=True)
     for name, run in (("create", _cmd_tenants_create), ("update", _cmd_tenants_update)):
         p = tenants.add_parser(name)
@@ -221,7 +260,22 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.command in _OPERATOR_COMMANDS and not settings.nats.user:
+        settings = _local_operator(settings)
     return args.run(settings, args)
+
+
+_OPERATOR_COMMANDS = {"provision", "issuers", "tenants", "keys"}
+
+
+def _local_operator(settings: Settings) -> Settings:
+    """Operator commands next to a `tollgate up` stack use its admin credentials."""
+    import json
+
+    from infra.nats.roles import as_role, auth_file
+
+    path = auth_file(settings.state_dir)
+    return as_role(settings, "admin", json.loads(path.read_text())["admin"]) if path.exists() else settings
 
 
 if __name__ == "__main__":

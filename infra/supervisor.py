@@ -17,14 +17,19 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import msgspec
-import nats
 
+from bus.connect import connect
 from bus.errors import Conflict, NotFound
+from bus.issuers import register_issuer
+from bus.protocol import IssuerGrant
+from bus.signing import Identity
 from bus.provision import provision
 from bus.settings import Settings
 from bus.tenancy import Tenant, hash_key, key_id_of
 from bus.tenancy_store import TenancyStore
 from consumers.models import resolve
+from edge.app import edge_identity_path
+from infra.nats import roles
 from infra.nats_launcher import NatsServer
 
 
@@ -43,10 +48,13 @@ async def _bootstrap(settings: Settings) -> tuple[str, str]:
     """
     state = Path(settings.state_dir)
     admin = settings.edge.admin_token or _secret_file(state / "admin_token", lambda: "tga-" + secrets.token_urlsafe(24))
-    nc = await nats.connect(settings.nats.url)
+    nc = await connect(settings.nats, "tollgate-up", service=False)
     try:
         js = nc.jetstream()
         await provision(js, settings)
+        # The edge vouches for every tenant it authenticates.
+        edge = Identity.load_or_create(edge_identity_path(settings))
+        await register_issuer(js, edge.public_key, IssuerGrant("edge", ["*"]))
         store = await TenancyStore.open(js, set(settings.tiers))
         with contextlib.suppress(Conflict):
             await store.create_tenant(Tenant(id=DEFAULT_TENANT, tier="pro", name="Default tenant"))
@@ -102,13 +110,18 @@ def up(settings: Settings) -> int:
         resolve(name, spec, Path(settings.cache_dir), progress=True)
     # The configured port when free, so `tollgate tenants/keys` find the server with default settings.
     port = urlparse(settings.nats.url).port or 4222
-    server = NatsServer(state / "nats", port=port if _port_free(port) else None).start()
+    passwords = roles.load_or_create(roles.auth_file(settings.state_dir))
+    config = state / "nats.conf"
+    config.write_text(roles.render(passwords))
+    config.chmod(0o600)
+    server = NatsServer(state / "nats", port=port if _port_free(port) else None, config=config).start()
     settings = msgspec.structs.replace(settings, nats=msgspec.structs.replace(settings.nats, url=server.url))
     env = {**os.environ, "TOLLGATE_NATS_URL": server.url, "TOLLGATE_STATE_DIR": str(state)}
     children: list[subprocess.Popen] = []
 
-    def spawn(*args: str) -> None:
-        children.append(subprocess.Popen([sys.executable, "-m", "infra.cli", *args], env=env))
+    def spawn(role: str, *args: str) -> None:
+        role_env = {**env, **roles.credentials(role, passwords[role])}
+        children.append(subprocess.Popen([sys.executable, "-m", "infra.cli", *args], env=role_env))
 
     stop = False
 
@@ -118,12 +131,12 @@ def up(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        key, admin = asyncio.run(_bootstrap(settings))
+        key, admin = asyncio.run(_bootstrap(roles.as_role(settings, "admin", passwords["admin"])))
         env["TOLLGATE_EDGE_ADMIN_TOKEN"] = admin
-        spawn("meter")
-        spawn("edge")
+        spawn("billing", "meter")
+        spawn("edge", "edge")
         for name in settings.models:
-            spawn("worker", "--model", name)
+            spawn("worker", "worker", "--model", name)
         base = f"http://{settings.edge.host}:{settings.edge.port}"
         _wait_healthy(f"{base}/healthz", list(settings.models), children, timeout=300)
         model = next(iter(settings.models))

@@ -24,15 +24,21 @@ from billing.clickhouse import ClickHouse
 from billing.meter import Meter
 from billing.schema import apply_schema
 from bus.provision import provision
-from bus.settings import load_settings
+from bus.issuers import register_issuer
+from bus.protocol import IssuerGrant
+from bus.settings import NatsSettings, load_settings
+from bus.signing import Identity
 from bus.tenancy import Tenant
 from bus.tenancy_store import TenancyStore
+from infra.nats import roles
 from infra.nats_launcher import NatsServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "tga-test-admin"
 CHAT_MODEL = "smollm2-135m"
 DEFAULT_TENANT = "default"
+# Internal services with NATS users of their own.
+SERVICES = ("reports", "rogue", "svc-a", "svc-b")
 # Same weights under another name, served only by workers that tests start and kill themselves.
 SPARE_MODEL = "smollm2-135m-spare"
 # Configured but never served: requests for it must fail fast with 503.
@@ -80,19 +86,22 @@ ack_wait_s = 2
 class Stack:
     """Handles on the running stack that tests use."""
 
-    def __init__(self, tmp: Path, config: Path, nats_url: str, edge_port: int):
+    def __init__(self, tmp: Path, config: Path, nats_url: str, edge_port: int, passwords: dict[str, str]):
         self.tmp = tmp
         self.config = config
         self.nats_url = nats_url
         self.base_url = f"http://127.0.0.1:{edge_port}"
         self.env = {**os.environ, "TOLLGATE_CONFIG": str(config), "TOLLGATE_NATS_URL": nats_url}
         self.settings = load_settings(config, self.env)
+        self.passwords = passwords
         self.procs: list[subprocess.Popen] = []
         self.api_key = ""  # the default tenant's key, made when the stack starts
 
-    def spawn(self, *args: str, env: dict | None = None) -> subprocess.Popen:
+    def spawn(self, role: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+        """Start ``tollgate ARGS`` connecting to NATS as ``role``."""
         log = open(self.tmp / f"{'-'.join(args)}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "infra.cli", *args], env={**self.env, **(env or {})}, cwd=ROOT,
+        env = {**self.env, **roles.credentials(role, self.passwords[role]), **(env or {})}
+        proc = subprocess.Popen([sys.executable, "-m", "infra.cli", *args], env=env, cwd=ROOT,
                                 stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
@@ -116,9 +125,18 @@ class Stack:
         return AsyncOpenAI(base_url=(base_url or self.base_url) + "/v1", api_key=api_key or self.api_key,
                            max_retries=0, **kw)
 
+    def role(self, role: str) -> NatsSettings:
+        """NATS settings that connect as ``role``."""
+        return roles.as_role(self.settings, role, self.passwords[role]).nats
+
+    async def connect(self, role: str, **options):
+        s = self.role(role)
+        return await nats.connect(s.url, user=s.user, password=s.password, inbox_prefix=s.inbox_prefix.encode(),
+                                  **options)
+
     async def tenancy(self, action):
         """Run ``action(store)`` against the tenancy store, as an operator would."""
-        nc = await nats.connect(self.nats_url)
+        nc = await self.connect("admin")
         try:
             return await action(await TenancyStore.open(nc.jetstream(), set(self.settings.tiers)))
         finally:
@@ -136,7 +154,7 @@ class MeterRunner:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.nc = await nats.connect(self.stack.nats_url)
+        self.nc = await self.stack.connect("billing")
         self.meter = Meter(self.stack.settings, self.nc, self.ch)
         await self.meter.start()
         self._stop = asyncio.Event()
@@ -154,13 +172,17 @@ def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stack")
     edge_port = free_port()
     config = _config(tmp, edge_port)
-    server = NatsServer(tmp / "nats").start()
-    st = Stack(tmp, config, server.url, edge_port)
+    passwords = roles.load_or_create(tmp / "nats-auth.json", services=SERVICES)
+    (tmp / "nats.conf").write_text(roles.render(passwords))
+    server = NatsServer(tmp / "nats", config=tmp / "nats.conf").start()
+    st = Stack(tmp, config, server.url, edge_port, passwords)
 
     async def prepare():
-        nc = await nats.connect(server.url)
+        nc = await st.connect("admin")
         js = nc.jetstream()
         await provision(js, st.settings)
+        edge = Identity.load_or_create(Path(st.settings.state_dir, "keys", "edge.seed"))
+        await register_issuer(js, edge.public_key, IssuerGrant("edge", ["*"]))
         store = await TenancyStore.open(js, set(st.settings.tiers))
         await store.create_tenant(Tenant(id=DEFAULT_TENANT, tier="pro"))
         _, st.api_key = await store.create_key(DEFAULT_TENANT, name="tests")
@@ -169,8 +191,8 @@ def stack(tmp_path_factory):
     asyncio.run(prepare())
     # Fetch and convert the weights once, before any worker races to do it.
     subprocess.run([sys.executable, "-m", "infra.cli", "models", "pull", CHAT_MODEL], env=st.env, cwd=ROOT, check=True)
-    st.spawn("edge")
-    st.spawn("worker", "--model", CHAT_MODEL)
+    st.spawn("edge", "edge")
+    st.spawn("worker", "worker", "--model", CHAT_MODEL)
     try:
         st.wait_serving(CHAT_MODEL)
         yield st
@@ -204,7 +226,7 @@ async def meter(stack, clickhouse):
 
 @pytest.fixture(scope="session")
 async def nc(stack):
-    conn = await nats.connect(stack.nats_url)
+    conn = await stack.connect("admin")
     yield conn
     await conn.close()
 
@@ -247,7 +269,7 @@ def request_id(completion_id: str) -> str:
 def second_edge(stack) -> str:
     """Another edge process on the same NATS: shared state must hold across both."""
     port = free_port()
-    stack.spawn("edge", env={"TOLLGATE_EDGE_PORT": str(port)})
+    stack.spawn("edge", "edge", env={"TOLLGATE_EDGE_PORT": str(port)})
     base_url = f"http://127.0.0.1:{port}"
     stack.wait_serving(CHAT_MODEL, base_url=base_url, timeout=60)
     return base_url

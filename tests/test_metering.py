@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import nats
-
 from billing.meter import Meter
 from bus.envelopes import MSG_ID_HEADER
 from bus.ids import new_request_id
@@ -30,7 +28,7 @@ async def test_crash_between_insert_and_ack_leaves_no_duplicate(stack, nc, meter
     for e in events:
         await js.publish(usage_subject(e.tenant), encode(e), headers={MSG_ID_HEADER: e.request_id})
 
-    crashing_nc = await nats.connect(stack.nats_url)
+    crashing_nc = await stack.connect("billing")
     crashing = Meter(stack.settings, crashing_nc, clickhouse)
     await crashing.start()
     batch = await crashing.fetch()

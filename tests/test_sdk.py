@@ -19,7 +19,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 async def service(stack, nc):
     seed = stack.tmp / "reports.seed"
     await register_issuer(nc.jetstream(), Identity.load_or_create(seed).public_key, IssuerGrant("reports", ["default"]))
-    client = await TollgateClient.connect(stack.nats_url, seed, service="reports", tenant="default", deadline_s=5)
+    client = await TollgateClient.connect(stack.role("svc:reports"), seed, service="reports", tenant="default",
+                                          deadline_s=5)
     yield client
     await client.close()
 
@@ -51,7 +52,8 @@ async def test_sdk_raises_typed_errors(service):
 async def test_sdk_cannot_bill_a_tenant_it_was_not_granted(stack, nc):
     seed = stack.tmp / "rogue.seed"
     await register_issuer(nc.jetstream(), Identity.load_or_create(seed).public_key, IssuerGrant("rogue", ["acme"]))
-    rogue = await TollgateClient.connect(stack.nats_url, seed, service="rogue", tenant="default", deadline_s=2)
+    rogue = await TollgateClient.connect(stack.role("svc:rogue"), seed, service="rogue", tenant="default",
+                                         deadline_s=2)
     try:
         with pytest.raises(DeadlineExceeded):  # the worker terminates it unrun: no reply, no bill
             await rogue.chat(CHAT_MODEL, QUESTION, max_tokens=2)

@@ -1,0 +1,131 @@
+"""The NATS users Tollgate runs as, and what each may publish and subscribe to.
+
+Each role has its own inbox prefix, so the answers to its JetStream API calls
+(which can carry tenant records) are readable by it alone. Rendered into a
+nats-server ``authorization`` block by ``render``; ``tollgate up`` and the
+tests run with it, and a production cluster takes the same block.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+
+from bus.subjects import (
+    CANCELLED_BUCKET,
+    INFLIGHT_BUCKET,
+    ISSUERS_BUCKET,
+    KEYS_BUCKET,
+    REQUESTS_STREAM,
+    TENANTS_BUCKET,
+    USAGE_STREAM,
+    WORKERS_BUCKET,
+)
+
+ROLES = ("admin", "edge", "worker", "billing")
+
+
+def inbox(role: str) -> str:
+    return f"_INBOX_{role}"
+
+
+def _kv_read(bucket: str) -> list[str]:
+    stream = f"KV_{bucket}"
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+    ]
+
+
+def _kv_write(bucket: str) -> list[str]:
+    return [*_kv_read(bucket), f"$KV.{bucket}.>"]
+
+
+def _consume(stream: str) -> list[str]:
+    """Pull from, ack on and (re)create durable consumers of ``stream``."""
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
+        f"$JS.ACK.{stream}.>",
+    ]
+
+
+def permissions(role: str) -> dict:
+    """The publish/subscribe allow lists of one role (``svc:<name>`` for an internal service)."""
+    common_pub = ["$JS.API.INFO"]
+    if role == "admin":
+        return {"publish": [">"], "subscribe": [">"]}
+    if role == "edge":
+        pub = ["tg.req.>", "tg.cancel.>", "tg.rl.>", *_kv_write(CANCELLED_BUCKET), *_kv_write(INFLIGHT_BUCKET),
+               *_kv_write(TENANTS_BUCKET), *_kv_write(KEYS_BUCKET), *_kv_read(WORKERS_BUCKET), *_kv_read(ISSUERS_BUCKET)]
+        # Edges own the HTTP connections of every tenant, so they may read any edge's replies.
+        sub = ["tg.reply.>"]
+    elif role == "worker":
+        pub = ["tg.reply.>", "tg.usage.>", *_consume(REQUESTS_STREAM), *_kv_write(WORKERS_BUCKET),
+               *_kv_read(ISSUERS_BUCKET), *_kv_read(CANCELLED_BUCKET)]
+        sub = ["tg.req.>", "tg.cancel.>"]  # the doorbell and cancels; never publish work
+    elif role == "billing":
+        pub = [*_consume(USAGE_STREAM)]
+        sub = []
+    elif role.startswith("svc:"):
+        name = role.removeprefix("svc:")
+        pub = ["tg.req.>", "tg.cancel.>", *_kv_write(CANCELLED_BUCKET), *_kv_read(WORKERS_BUCKET)]
+        sub = [f"tg.reply.{name}.>"]  # its own replies, nobody else's
+    else:
+        raise ValueError(f"unknown role {role!r}")
+    return {"publish": common_pub + pub, "subscribe": sub + [f"{inbox(_user(role))}.>"]}
+
+
+def _user(role: str) -> str:
+    return role.replace(":", "_")
+
+
+def render(passwords: dict[str, str]) -> str:
+    """The ``authorization`` block for these users (role -> password)."""
+    users = [
+        {"user": _user(role), "password": password, "permissions": permissions(role)}
+        for role, password in passwords.items()
+    ]
+    # JSON is valid nats-server configuration syntax.
+    return "authorization " + json.dumps({"users": users}, indent=2) + "\n"
+
+
+def credentials(role: str, password: str) -> dict[str, str]:
+    """The settings environment that makes a process connect as ``role``."""
+    user = _user(role)
+    return {"TOLLGATE_NATS_USER": user, "TOLLGATE_NATS_PASSWORD": password, "TOLLGATE_NATS_INBOX_PREFIX": inbox(user)}
+
+
+def as_role(settings, role: str, password: str):
+    """``settings`` with NATS credentials for ``role``."""
+    import msgspec
+
+    creds = credentials(role, password)
+    nats = msgspec.structs.replace(settings.nats, user=creds["TOLLGATE_NATS_USER"],
+                                   password=password, inbox_prefix=creds["TOLLGATE_NATS_INBOX_PREFIX"])
+    return msgspec.structs.replace(settings, nats=nats)
+
+
+def auth_file(state_dir: str) -> Path:
+    return Path(state_dir, "nats-auth.json")
+
+
+def load_or_create(path: Path, services: tuple[str, ...] = ()) -> dict[str, str]:
+    """Passwords for every role (and ``svc:<name>`` per service), kept in ``path`` (mode 0600)."""
+    existing = json.loads(path.read_text()) if path.exists() else {}
+    wanted = [*ROLES, *(f"svc:{s}" for s in services)]
+    passwords = {role: existing.get(role) or secrets.token_urlsafe(18) for role in wanted}
+    if passwords != existing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(passwords))
+        path.chmod(0o600)
+    return passwords
