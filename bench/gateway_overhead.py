@@ -31,12 +31,18 @@ sys.path.insert(0, str(ROOT))
 
 from bench.fixed_backend import FixedBackend  # noqa: E402
 from bus.protocol import ChatBody, ChatMessage, decode_usage  # noqa: E402
+from bus.issuers import register_issuer  # noqa: E402
+from bus.protocol import IssuerGrant  # noqa: E402
 from bus.provision import provision  # noqa: E402
+from bus.signing import Identity  # noqa: E402
+from bus.tenancy import Limits, Tenant  # noqa: E402
+from bus.tenancy_store import TenancyStore  # noqa: E402
+from edge.app import edge_identity_path  # noqa: E402
 from bus.settings import load_settings  # noqa: E402
 from infra.nats_launcher import NatsServer, free_port  # noqa: E402
 
 MODEL = "bench-fixed"
-KEY = "sk-bench"
+KEY = ""  # minted at start-up
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
 
 
@@ -128,19 +134,29 @@ def main() -> None:
     port = free_port()
     config = tmp / "tollgate.toml"
     config.write_text(
-        f'state_dir = "{tmp / "state"}"\n[edge]\nport = {port}\napi_key = "{KEY}"\n'
+        f'state_dir = "{tmp / "state"}"\n[edge]\nport = {port}\n'
         f'[models.{MODEL}]\nbackend = "fixed"\nconcurrency = 64\n'
     )
     server = NatsServer(tmp / "nats").start()
     env = {**os.environ, "TOLLGATE_CONFIG": str(config), "TOLLGATE_NATS_URL": server.url, "PYTHONPATH": str(ROOT)}
     settings = load_settings(config, env)
 
-    async def prepare():
+    async def prepare() -> str:
+        """Provision, trust the edge's key, and make a tenant with per-minute limits and a key for it."""
         nc = await nats.connect(server.url)
-        await provision(nc.jetstream(), settings)
+        js = nc.jetstream()
+        await provision(js, settings)
+        edge = Identity.load_or_create(edge_identity_path(settings))
+        await register_issuer(js, edge.public_key, IssuerGrant("edge", ["*"]))
+        store = await TenancyStore.open(js, set(settings.tiers))
+        limits = Limits(rpm=10**9, tpm=10**12)
+        await store.create_tenant(Tenant(id="bench", tier="enterprise", default_lane="normal", limits=limits))
+        _, key = await store.create_key("bench")
         await nc.close()
+        return key
 
-    asyncio.run(prepare())
+    global KEY
+    KEY = asyncio.run(prepare())
     edge_cmd = [sys.executable, "-m", "infra.cli", "--log-level", "WARNING", "edge"]
     if args.profile:
         edge_cmd[1:1] = ["-m", "cProfile", "-o", str(tmp / "edge.prof")]

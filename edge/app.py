@@ -72,13 +72,15 @@ def create_app(settings: Settings) -> web.Application:
         )
         await publisher.start()
         inflight = InFlight(await js.key_value(INFLIGHT_BUCKET), edge_id)
-        fresh = asyncio.create_task(inflight.keep_fresh())
+        limiter = RateLimiter(js, inflight)
+        chores = [asyncio.create_task(inflight.keep_fresh()), asyncio.create_task(limiter.flush_corrections())]
         app["publisher"] = publisher
         app["auth"] = Authenticator(tenants, keys, settings.tiers, settings.edge.admin_token)
         app["tenancy"] = await TenancyStore.open(js, set(settings.tiers))
-        app["limiter"] = RateLimiter(js, inflight)
+        app["limiter"] = limiter
         yield
-        fresh.cancel()
+        for chore in chores:
+            chore.cancel()
         await publisher.stop()
         for mirror in (tenants, keys):
             await mirror.stop()

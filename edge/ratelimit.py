@@ -95,6 +95,7 @@ class InFlight:
         self._mine: dict[str, int] = {}
         # One change at a time per scope from this edge: only other edges can race a CAS.
         self._locks: dict[str, asyncio.Lock] = {}
+        self._cache: dict[str, tuple[dict, int | None]] = {}
 
     async def _change(self, scope: str, delta: int, limit: int | None) -> bool:
         lock = self._locks.setdefault(scope, asyncio.Lock())
@@ -103,28 +104,40 @@ class InFlight:
 
     async def _cas(self, scope: str, delta: int, limit: int | None) -> bool:
         key = token(scope)
+        # Our last write is usually still the latest: try it first, one round trip; a
+        # stale copy only costs a failed CAS (or a re-read before refusing).
+        cached = self._cache.get(key)
         for attempt in range(_CAS_TRIES):
+            if cached is None:
+                try:
+                    entry = await self._kv.get(key)
+                    cached = (msgspec.msgpack.decode(entry.value), entry.revision)
+                except nats.js.errors.KeyNotFoundError:
+                    cached = ({}, None)
+                fresh = True
+            else:
+                fresh = False
             now = time.time()
-            try:
-                entry = await self._kv.get(key)
-                counts, revision = msgspec.msgpack.decode(entry.value), entry.revision
-            except nats.js.errors.KeyNotFoundError:
-                counts, revision = {}, None
-            counts = {e: v for e, v in counts.items() if now - v[1] < _STALE_S or e == self._edge}
+            counts = {e: v for e, v in cached[0].items() if now - v[1] < _STALE_S or e == self._edge}
             if limit is not None and sum(v[0] for v in counts.values()) + delta > limit:
-                return False
+                if fresh:
+                    return False
+                cached = None
+                continue
             mine = max(0, counts.get(self._edge, [0, 0])[0] + delta)
             counts[self._edge] = [mine, now]
             try:
                 data = msgspec.msgpack.encode(counts)
-                if revision is None:
-                    await self._kv.create(key, data)
+                if cached[1] is None:
+                    revision = await self._kv.create(key, data)
                 else:
-                    await self._kv.update(key, data, last=revision)
+                    revision = await self._kv.update(key, data, last=cached[1])
+                self._cache[key] = (counts, revision)
                 self._mine[scope] = mine
                 return True
             except nats.js.errors.KeyWrongLastSequenceError:
-                await asyncio.sleep(random.uniform(0, 0.001 * attempt))  # another edge changed it first
+                cached = None  # another edge changed it first
+                await asyncio.sleep(random.uniform(0, 0.001 * attempt))
         raise RuntimeError(f"in-flight count for {scope} too contended to change")
 
     async def acquire(self, scope: str, limit: int) -> bool:
@@ -168,6 +181,7 @@ class RateLimiter:
         self._inflight = inflight
         self._budgets: dict[tuple[str, str, int], MinuteBudget] = {}
         self._settling: set[asyncio.Task] = set()
+        self._corrections: dict[str, int] = {}
 
     def _budget(self, metric: str, scope: str, limit: int) -> MinuteBudget:
         key = (metric, scope, limit)  # a changed limit starts a fresh local budget
@@ -203,32 +217,51 @@ class RateLimiter:
             if metric == "tokens":
                 token_budgets = budgets
         admission = Admission(headers, int(now // WINDOW_S), token_budgets, estimate)
-        for scope, lim in scopes:
-            if lim.concurrency is None:
-                continue
-            if not await self._inflight.acquire(scope, lim.concurrency):
+        limited = [(scope, lim.concurrency) for scope, lim in scopes if lim.concurrency is not None]
+        if limited:
+            # Key and tenant in parallel: one round trip, not two.
+            got = await asyncio.gather(*(self._inflight.acquire(scope, limit) for scope, limit in limited))
+            admission.in_flight = [scope for (scope, _), ok in zip(limited, got) if ok]
+            if not all(got):
                 await self.finish(admission, None)
+                limit = min(limit for (_, limit), ok in zip(limited, got) if not ok)
                 raise RateLimited(
-                    f"Too many requests in flight: limit {lim.concurrency}. Try again when one finishes.",
+                    f"Too many requests in flight: limit {limit}. Try again when one finishes.",
                     kind="requests",
                     retry_after_s=1,
                 )
-            admission.in_flight.append(scope)
         return admission
 
     def finish_soon(self, admission: Admission, actual_tokens: int | None) -> None:
         """``finish`` off the response's path: the client need not wait for the bookkeeping."""
-        if admission.in_flight or admission.token_budgets:
-            task = asyncio.create_task(self.finish(admission, actual_tokens))
+        self._correct(admission, actual_tokens)
+        if admission.in_flight:
+            task = asyncio.create_task(self._release(admission))
             self._settling.add(task)
             task.add_done_callback(self._settling.discard)
 
     async def finish(self, admission: Admission, actual_tokens: int | None) -> None:
         """Free the in-flight slots and correct the token estimate by what was really used."""
+        self._correct(admission, actual_tokens)
+        await self._release(admission)
+
+    async def _release(self, admission: Admission) -> None:
         for scope in admission.in_flight:
             await self._inflight.release(scope)
-        if actual_tokens is not None and actual_tokens != admission.estimate:
-            for budget in admission.token_budgets:
-                with contextlib.suppress(Exception):
-                    await add(self._js, rate_counter("tokens", budget.scope, admission.window),
-                              actual_tokens - admission.estimate)
+
+    def _correct(self, admission: Admission, actual_tokens: int | None) -> None:
+        if actual_tokens is None or actual_tokens == admission.estimate:
+            return
+        for budget in admission.token_budgets:
+            subject = rate_counter("tokens", budget.scope, admission.window)
+            self._corrections[subject] = self._corrections.get(subject, 0) + actual_tokens - admission.estimate
+
+    async def flush_corrections(self, every_s: float = 0.2) -> None:
+        """Apply token corrections in batches: one counter update per scope and tick, not per request."""
+        while True:
+            await asyncio.sleep(every_s)
+            pending, self._corrections = self._corrections, {}
+            for subject, delta in pending.items():
+                if delta:
+                    with contextlib.suppress(Exception):
+                        await add(self._js, subject, delta)
