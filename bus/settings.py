@@ -92,6 +92,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     meter: MeterSettings = msgspec.field(default_factory=MeterSettings)
     models: dict[str, ModelSpec] = msgspec.field(default_factory=lambda: dict(DEFAULT_MODELS))
     tiers: dict[str, Tier] = msgspec.field(default_factory=lambda: dict(DEFAULT_TIERS))
+    # Internal services that get a NATS user of their own (`svc_<name>`) on the local stack.
+    services: list[str] = []
 
     @property
     def clickhouse(self) -> str:

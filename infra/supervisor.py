@@ -110,7 +110,7 @@ def up(settings: Settings) -> int:
         resolve(name, spec, Path(settings.cache_dir), progress=True)
     # The configured port when free, so `tollgate tenants/keys` find the server with default settings.
     port = urlparse(settings.nats.url).port or 4222
-    passwords = roles.load_or_create(roles.auth_file(settings.state_dir))
+    passwords = roles.load_or_create(roles.auth_file(settings.state_dir), tuple(settings.services))
     config = state / "nats.conf"
     config.write_text(roles.render(passwords))
     config.chmod(0o600)

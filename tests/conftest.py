@@ -269,7 +269,16 @@ def request_id(completion_id: str) -> str:
 def second_edge(stack) -> str:
     """Another edge process on the same NATS: shared state must hold across both."""
     port = free_port()
-    stack.spawn("edge", "edge", env={"TOLLGATE_EDGE_PORT": str(port)})
+    state = stack.tmp / "edge2"  # its own state dir: its own signing identity, trusted by the operator
+
+    async def trust():
+        identity = Identity.load_or_create(state / "keys" / "edge.seed")
+        nc = await stack.connect("admin")
+        await register_issuer(nc.jetstream(), identity.public_key, IssuerGrant("edge-2", ["*"]))
+        await nc.close()
+
+    asyncio.run(trust())
+    stack.spawn("edge", "edge", env={"TOLLGATE_EDGE_PORT": str(port), "TOLLGATE_STATE_DIR": str(state)})
     base_url = f"http://127.0.0.1:{port}"
     stack.wait_serving(CHAT_MODEL, base_url=base_url, timeout=60)
     return base_url
