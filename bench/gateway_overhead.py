@@ -15,7 +15,6 @@ import asyncio
 import os
 import platform
 import pstats
-import statistics
 import subprocess
 import sys
 import tempfile

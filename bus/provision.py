@@ -12,7 +12,6 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.kv import KeyValue
 
 from bus.settings import Settings
 from bus.subjects import (
@@ -120,6 +119,3 @@ async def ensure_meter_consumer(js: JetStreamContext, settings: Settings) -> Non
         ),
     )
 
-
-async def bucket(js: JetStreamContext, name: str) -> KeyValue:
-    return await js.key_value(name)
