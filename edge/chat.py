@@ -16,6 +16,7 @@ from edge.ratelimit import DEFAULT_COMPLETION_ESTIMATE, RateLimiter
 from edge.service_tier import lane_for, tier_of
 
 _encode = msgspec.json.Encoder().encode
+REQUEST_ID_HEADER = "x-request-id"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -42,8 +43,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         async with publisher.submit(
             tenant=principal.tenant.id, principal=principal.key.id, model=req.model, lane=lane, kind="chat", body=body
         ) as call:
-            reply = _Reply(call, req, tier_of(lane, policy), admission.headers)
+            headers = {**admission.headers, REQUEST_ID_HEADER: call.envelope.id}
+            reply = _Reply(call, req, tier_of(lane, policy), headers)
             return await (reply.stream(request) if req.stream else reply.whole())
+    except TollgateError as exc:
+        if call is not None:
+            exc.request_id = call.envelope.id  # the error response names the request, as a success would
+        raise
     finally:
         used = call.final.usage if call and call.final else None
         limiter.finish_soon(admission, used.prompt_tokens + used.completion_tokens if used else None)

@@ -37,7 +37,8 @@ async def error_middleware(request: web.Request, handler):
     except RateLimited as exc:
         return error_response(exc, {"Retry-After": str(math.ceil(exc.retry_after_s))})
     except TollgateError as exc:
-        return error_response(exc)
+        request_id = getattr(exc, "request_id", None)
+        return error_response(exc, {"x-request-id": request_id} if request_id else None)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -18,6 +18,7 @@ async def test_answers_with_the_real_model_and_meters_exact_usage(client, clickh
     assert "Paris" in reply.choices[0].message.content
     assert reply.choices[0].finish_reason == "stop"
     assert reply.object == "chat.completion" and reply.model == CHAT_MODEL
+    assert reply._request_id == request_id(reply.id), "x-request-id names the request, as usage rows do"
     assert reply.usage.prompt_tokens > 10 and reply.usage.completion_tokens > 0
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     [row] = await usage_rows(clickhouse, [request_id(reply.id)], expect=1)
