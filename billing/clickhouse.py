@@ -15,7 +15,6 @@ import clickhouse_connect
 
 class ClickHouse:
     def __init__(self, dsn: str):
-        self.dsn = dsn
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
         self._client = self._pool.submit(clickhouse_connect.get_client, dsn=dsn).result()
 

@@ -64,15 +64,18 @@ class Meter:
         Malformed events are terminated and logged, never inserted.
         """
         events: dict[str, UsageEvent] = {}
+        rows: dict[str, list] = {}
         keep: list[Msg] = []
         for msg in msgs:
             try:
                 event = decode_usage(msg.data)
+                row = _row(event)
             except Exception:
                 log.error("terminated a malformed usage event on %s", msg.subject)
                 await msg.term()
                 continue
             events.setdefault(event.request_id, event)
+            rows.setdefault(event.request_id, row)
             keep.append(msg)
         if events:
             stored = await self.ch.query(
@@ -83,7 +86,7 @@ class Meter:
             for (request_id,) in stored:
                 events.pop(request_id, None)
         if events:
-            await self.ch.insert("usage_events", [_row(e) for e in events.values()], COLUMNS)
+            await self.ch.insert("usage_events", [rows[request_id] for request_id in events], COLUMNS)
         return keep
 
     async def ack(self, msgs: list[Msg]) -> None:
@@ -94,8 +97,14 @@ class Meter:
         """Fetch, store, ack until ``stop`` is set."""
         while not stop.is_set():
             msgs = await self.fetch()
-            if msgs:
+            if not msgs:
+                continue
+            try:
                 await self.ack(await self.store(msgs))
+            except Exception:
+                # Unacked, the batch comes back after ack_wait: nothing is lost while ClickHouse is away.
+                log.exception("could not store a batch of %d usage events; it will be redelivered", len(msgs))
+                await asyncio.sleep(1.0)
 
     async def close(self) -> None:
         if self._sub is not None:

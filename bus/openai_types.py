@@ -31,12 +31,12 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
     messages: Annotated[list[Message], Meta(min_length=1)]
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_tokens: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
     stop: Union[str, Annotated[list[str], Meta(max_length=4)], None] = None
-    seed: int | None = None
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     user: str | None = None
     n: Annotated[int, Meta(ge=1, le=1)] | None = None
     service_tier: Literal["auto", "default", "flex", "priority"] | None = None

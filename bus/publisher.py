@@ -106,11 +106,15 @@ class Publisher:
         except Exception:
             log.warning("dropped an undecodable reply frame on %s", msg.subject)
 
+    def check_serving(self, model: str) -> None:
+        """Raise ``NoCapacity`` at once if no live worker serves ``model``."""
+        if not self.live.serving(model):
+            raise NoCapacity(f"No worker is serving the model '{model}' right now. Try again shortly.")
+
     @contextlib.asynccontextmanager
     async def submit(self, *, tenant: str, principal: str, model: str, lane: str, kind: str, body: RequestBody):
         """Publish one signed request and yield its ``Call``; cancel it if left unfinished."""
-        if not self.live.serving(model):
-            raise NoCapacity(f"No worker is serving the model '{model}' right now. Try again shortly.")
+        self.check_serving(model)
         now = time.time()
         request_id = new_request_id()
         envelope = Envelope(

@@ -20,7 +20,9 @@ import msgspec
 
 from bus.chat import ChatResults, to_body
 from bus.openai_types import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from bus.errors import InvalidRequest
 from bus.publisher import Publisher
+from bus.service_tier import tier_of
 from bus.connect import connect
 from bus.settings import ModelSpec, NatsSettings
 from bus.signing import Identity
@@ -59,24 +61,21 @@ class TollgateClient:
         data = msgspec.json.encode({"model": model, "messages": messages, "stream": stream, **params})
         return decode_json(data, ChatCompletionRequest)
 
-    def _submit(self, req: ChatCompletionRequest, lane: str | None):
+    def _submit(self, req: ChatCompletionRequest, lane: str):
+        if lane not in LANES:
+            raise InvalidRequest(f"unknown lane {lane!r}; lanes are {', '.join(LANES)}", param="lane")
         return self._publisher.submit(
-            tenant=self.tenant, principal=self.principal, model=req.model, lane=lane or self.lane, kind="chat",
+            tenant=self.tenant, principal=self.principal, model=req.model, lane=lane, kind="chat",
             body=to_body(req, self._models.get(req.model)),
         )
-
-    def _tier(self, lane: str | None) -> str:
-        lane = lane or self.lane
-        if lane == self.lane:
-            return "default"
-        return "priority" if LANES.index(lane) < LANES.index(self.lane) else "flex"
 
     async def chat(self, model: str, messages: list, *, lane: str | None = None, **params) -> ChatCompletion:
         """One chat completion; raises the same typed errors the edge maps to HTTP."""
         req = self._request(model, messages, False, params)
+        lane = lane or self.lane
         async with self._submit(req, lane) as call:
             text = [frame.text async for frame in call.frames()]
-            return ChatResults(call.envelope, model, self._tier(lane)).completion("".join(text), call.final)
+            return ChatResults(call.envelope, model, tier_of(lane, self.lane)).completion("".join(text), call.final)
 
     async def chat_stream(self, model: str, messages: list, *, lane: str | None = None, include_usage: bool = False,
                           **params) -> AsyncIterator[ChatCompletionChunk]:
@@ -84,8 +83,9 @@ class TollgateClient:
         if include_usage:
             params["stream_options"] = {"include_usage": True}
         req = self._request(model, messages, True, params)
+        lane = lane or self.lane
         async with self._submit(req, lane) as call:
-            results = ChatResults(call.envelope, model, self._tier(lane), include_usage)
+            results = ChatResults(call.envelope, model, tier_of(lane, self.lane), include_usage)
             yield results.opening()
             async for frame in call.frames():
                 if frame.text:

@@ -120,8 +120,6 @@ def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] 
         settings = msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise SettingsError(f"invalid settings: {exc}") from None
-    if "models" not in data:
-        settings.models = dict(DEFAULT_MODELS)
     # Operator tiers add to (or replace, by name) the built-in ones.
     settings.tiers = {**DEFAULT_TIERS, **settings.tiers}
     _check(settings)

@@ -35,11 +35,7 @@ class Identity:
     def load_or_create(cls, path: Path) -> "Identity":
         """Load the seed at ``path``, creating it (mode 0600) on first use."""
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(seed)
+            write_private(path, nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
         return cls(path.read_bytes().strip())
 
     def sign(self, data: bytes) -> str:
@@ -49,6 +45,14 @@ class Identity:
     def headers(self, data: bytes) -> dict[str, str]:
         """The signature headers for a message whose payload is ``data``."""
         return {ISSUER_HEADER: self.public_key, SIGNATURE_HEADER: self.sign(data)}
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret so that it is never readable by others, not even for a moment."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -115,21 +115,25 @@ class Policy(msgspec.Struct, frozen=True):
     default_lane: str
     allowed_lanes: list[str]
     model_allowed: bool
-    tenant_limits: Limits
-    key_limits: Limits
+    # Every limit that applies, each with the scope whose shared counters enforce it:
+    # ``t.<tenant>`` and ``k.<key>``, plus ``….m.<model>`` where a per-model limit is set.
+    # A per-model limit is a further limit for that model, inside the general one.
+    limits: list[tuple[str, Limits]]
 
 
 def policy(tenant: Tenant, key: ApiKey, tier: Tier, model: str) -> Policy:
-    tenant_limits = tenant.model_limits.get(model, NO_LIMITS).over(
-        tenant.limits.over(tier.model_limits.get(model, NO_LIMITS).over(tier.limits))
-    )
+    candidates = [
+        (f"t.{tenant.id}", tenant.limits.over(tier.limits)),
+        (f"t.{tenant.id}.m.{model}", tenant.model_limits.get(model, NO_LIMITS).over(tier.model_limits.get(model, NO_LIMITS))),
+        (f"k.{key.id}", key.limits),
+        (f"k.{key.id}.m.{model}", key.model_limits.get(model, NO_LIMITS)),
+    ]
     return Policy(
         default_lane=tenant.default_lane or tier.default_lane,
         allowed_lanes=tenant.allowed_lanes if tenant.allowed_lanes is not None else tier.allowed_lanes,
         model_allowed=_allows(tenant.models if tenant.models is not None else tier.models, model)
         and _allows(key.models, model),
-        tenant_limits=tenant_limits,
-        key_limits=key.model_limits.get(model, NO_LIMITS).over(key.limits),
+        limits=[(scope, limits) for scope, limits in candidates if limits != NO_LIMITS],
     )
 
 

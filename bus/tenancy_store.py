@@ -77,19 +77,17 @@ class TenancyStore:
         return tenant
 
     async def get_tenant(self, tenant_id: str) -> Tenant:
-        try:
-            return decode_tenant((await self._tenants.get(tenant_id)).value)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            raise NotFound(f"no tenant {tenant_id!r}") from None
+        return (await self._read(self._tenants, tenant_id, "tenant", decode_tenant))[0]
 
     async def list_tenants(self) -> list[Tenant]:
         return [await self.get_tenant(k) for k in await _keys(self._tenants)]
 
     async def update_tenant(self, tenant_id: str, patch: dict) -> Tenant:
-        tenant = _patched(await self.get_tenant(tenant_id), patch, TENANT_FIELDS, Tenant)
+        current, revision = await self._read(self._tenants, tenant_id, "tenant", decode_tenant)
+        tenant = _patched(current, patch, TENANT_FIELDS, Tenant)
         self._check_tier(tenant.tier)
         _check_lanes(tenant)
-        await self._tenants.put(tenant_id, _encode(tenant))
+        await self._write(self._tenants, tenant_id, tenant, revision)
         return tenant
 
     async def create_key(self, tenant_id: str, **fields) -> tuple[ApiKey, str]:
@@ -107,25 +105,42 @@ class TenancyStore:
         return key, secret
 
     async def get_key(self, key_id: str) -> ApiKey:
-        try:
-            return decode_key((await self._keys.get(key_id)).value)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            raise NotFound(f"no API key {key_id!r}") from None
+        return (await self._read(self._keys, key_id, "API key", decode_key))[0]
 
     async def list_keys(self, tenant_id: str | None = None) -> list[ApiKey]:
         keys = [await self.get_key(k) for k in await _keys(self._keys)]
         return [k for k in keys if tenant_id is None or k.tenant == tenant_id]
 
     async def update_key(self, key_id: str, patch: dict) -> ApiKey:
-        key = _patched(await self.get_key(key_id), patch, KEY_FIELDS, ApiKey)
-        await self._keys.put(key_id, _encode(key))
+        current, revision = await self._read(self._keys, key_id, "API key", decode_key)
+        if current.revoked:
+            raise Conflict(f"API key {key_id!r} is revoked")
+        key = _patched(current, patch, KEY_FIELDS, ApiKey)
+        await self._write(self._keys, key_id, key, revision)
         return key
 
     async def revoke_key(self, key_id: str) -> ApiKey:
         """Revoke for good; the record stays, marked, for audit."""
-        key = msgspec.structs.replace(await self.get_key(key_id), revoked=True)
-        await self._keys.put(key_id, _encode(key))
+        current, revision = await self._read(self._keys, key_id, "API key", decode_key)
+        key = msgspec.structs.replace(current, revoked=True)
+        await self._write(self._keys, key_id, key, revision)
         return key
+
+    @staticmethod
+    async def _read(kv: KeyValue, key: str, what: str, decode):
+        try:
+            entry = await kv.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            raise NotFound(f"no {what} {key!r}") from None
+        return decode(entry.value), entry.revision
+
+    @staticmethod
+    async def _write(kv: KeyValue, key: str, record, revision: int) -> None:
+        """Write only if nobody changed the record since it was read: a revoke is never undone."""
+        try:
+            await kv.update(key, _encode(record), last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise Conflict(f"{key!r} was changed at the same time; read it again and retry") from None
 
 
 async def _keys(kv: KeyValue) -> list[str]:

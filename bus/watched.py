@@ -50,6 +50,3 @@ class WatchedBucket(Generic[T]):
 
     def get(self, key: str) -> T | None:
         return self._items.get(key)
-
-    def values(self) -> list[T]:
-        return list(self._items.values())

@@ -1,10 +1,10 @@
 """The worker runtime: pull by priority, verify, run, stream, meter, ack.
 
 Order of effects for each message (DESIGN.md): verify -> run -> final frame
--> usage event published and acked by JetStream -> work message acked. A crash
-anywhere before the work ack gets the message redelivered; its usage event
-carries the request id as ``Nats-Msg-Id``, so a second copy is dropped by
-the server and nothing is billed twice.
+-> usage event published and acked by JetStream (retried until stored) ->
+work message acked. A crash anywhere before the work ack gets the message
+redelivered; its usage event carries the request id as ``Nats-Msg-Id``, so a
+second copy is dropped by the server and nothing is billed twice.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -43,8 +44,8 @@ class _Replies:
         self._nc, self._subject, self._seq = nc, subject, 0
 
     async def send(self, frame_type, **fields) -> None:
-        await self._nc.publish(self._subject, encode(frame_type(seq=self._seq, **fields)))
-        self._seq += 1
+        seq, self._seq = self._seq, self._seq + 1  # taken before the await: senders interleave
+        await self._nc.publish(self._subject, encode(frame_type(seq=seq, **fields)))
 
 
 class Worker:
@@ -61,6 +62,8 @@ class Worker:
         self._doorbell = asyncio.Event()
         self._stopping = False
         self._running: dict[str, asyncio.Event] = {}
+        # Requests cancelled while possibly still queued: checked on every delivery, no round trip.
+        self._cancelled_ids: dict[str, float] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then finish the requests in hand and leave."""
@@ -94,9 +97,16 @@ class Worker:
         self._doorbell.set()
 
     async def _on_cancel(self, msg: Msg) -> None:
-        event = self._running.get(msg.subject.rsplit(".", 1)[-1])
+        request_id = msg.subject.rsplit(".", 1)[-1]
+        event = self._running.get(request_id)
         if event is not None:
             event.set()
+            return
+        now = time.time()
+        self._cancelled_ids[request_id] = now
+        if len(self._cancelled_ids) > 10_000:
+            horizon = now - self.settings.max_deadline_s
+            self._cancelled_ids = {k: t for k, t in self._cancelled_ids.items() if t > horizon}
 
     async def _dispatch(self) -> None:
         """Take one message whenever a slot is free; on stop, wait for the requests in hand."""
@@ -136,8 +146,10 @@ class Worker:
             envelope = open_envelope(msg.data, msg.headers, self._issuers.get, time.time())
             if envelope.model != self.model:
                 raise BadEnvelope(f"envelope for {envelope.model} on {self.model}'s queue")
-            if msg.metadata.num_delivered > 1 and await self._was_cancelled(envelope.id):
-                raise BadEnvelope("redelivered after its client had gone")
+            if envelope.id in self._cancelled_ids or (
+                msg.metadata.num_delivered > 1 and await self._was_cancelled(envelope.id)
+            ):
+                raise BadEnvelope("its client had gone before it ran")
         except BadEnvelope as exc:
             log.warning("terminated work message %s: %s", (msg.headers or {}).get(MSG_ID_HEADER), exc)
             await msg.term()
@@ -147,14 +159,14 @@ class Worker:
             await msg.term()
             return
         usage = await self._run(envelope, msg)
-        if await self._meter(usage):
-            await msg.ack()
+        await self._meter(usage, msg)
+        await msg.ack()
 
     async def _was_cancelled(self, request_id: str) -> bool:
         try:
             await self._cancelled.get(request_id)
             return True
-        except Exception:  # KeyNotFoundError: not cancelled
+        except nats.js.errors.KeyNotFoundError:
             return False
 
     async def _run(self, envelope: Envelope, msg: Msg) -> UsageEvent:
@@ -228,19 +240,25 @@ class Worker:
         """Tell the edge this request is alive, and JetStream not to redeliver it yet."""
         while True:
             await asyncio.sleep(self.settings.worker.heartbeat_s)
-            await replies.send(Heartbeat)
-            await msg.in_progress()
+            with contextlib.suppress(Exception):  # one lost beat must not end the beating
+                await replies.send(Heartbeat)
+                await msg.in_progress()
 
-    async def _meter(self, usage: UsageEvent) -> bool:
-        """Publish the usage event and wait for JetStream to store it; False if it could not."""
+    async def _meter(self, usage: UsageEvent, msg: Msg) -> None:
+        """Publish the usage event and wait until JetStream has stored it, however long that takes.
+
+        The work message is kept in progress meanwhile, so it is neither
+        redelivered nor acked before its usage is safe.
+        """
         data = encode(usage)
-        for attempt in range(5):
+        delay = 0.1
+        while True:
             try:
                 await self.js.publish(usage_subject(usage.tenant), data, headers={MSG_ID_HEADER: usage.request_id})
-                return True
+                return
             except Exception as exc:
                 log.warning("usage for %s not stored yet (%s); retrying", usage.request_id, exc)
-                await asyncio.sleep(0.2 * 2**attempt)
-        # Leave the work unacked: it is redelivered and metered then, never lost.
-        log.error("usage for %s could not be stored; leaving the work for redelivery", usage.request_id)
-        return False
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)

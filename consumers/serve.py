@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 from pathlib import Path
 
@@ -13,9 +12,6 @@ from bus.settings import ModelSpec, Settings
 from consumers.backends.base import ChatBackend
 from consumers.models import resolve
 from consumers.runtime import Worker
-
-log = logging.getLogger(__name__)
-
 
 def load_backend(spec: ModelSpec, path: str) -> ChatBackend:
     """Instantiate the backend named by ``spec.backend`` on the weights at ``path``."""

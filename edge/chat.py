@@ -10,10 +10,10 @@ from bus.errors import ModelNotFound, TollgateError
 from bus.openai_types import ChatCompletionRequest
 from bus.protocol import ChatBody
 from bus.publisher import Call, Publisher
+from bus.service_tier import lane_for, tier_of
 from bus.validation import decode_json as decode_body
 from edge.errors import error_event
 from edge.ratelimit import DEFAULT_COMPLETION_ESTIMATE, RateLimiter
-from edge.service_tier import lane_for, tier_of
 
 _encode = msgspec.json.Encoder().encode
 REQUEST_ID_HEADER = "x-request-id"
@@ -37,14 +37,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise ModelNotFound(f"The model '{req.model}' does not exist or you do not have access to it.", param="model")
     body = to_body(req, spec)
     lane = lane_for(req.service_tier, policy)
-    admission = await limiter.admit(policy, principal.tenant.id, principal.key.id, estimate_tokens(body))
+    publisher.check_serving(req.model)  # before admission: a 503 costs the caller no quota
+    admission = await limiter.admit(policy, estimate_tokens(body))
     call: Call | None = None
     try:
         async with publisher.submit(
             tenant=principal.tenant.id, principal=principal.key.id, model=req.model, lane=lane, kind="chat", body=body
         ) as call:
             headers = {**admission.headers, REQUEST_ID_HEADER: call.envelope.id}
-            reply = _Reply(call, req, tier_of(lane, policy), headers)
+            reply = _Reply(call, req, tier_of(lane, policy.default_lane), headers)
             return await (reply.stream(request) if req.stream else reply.whole())
     except TollgateError as exc:
         if call is not None:
@@ -52,7 +53,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         used = call.final.usage if call and call.final else None
-        limiter.finish_soon(admission, used.prompt_tokens + used.completion_tokens if used else None)
+        # Without a final frame the tokens used are unknown: the estimate is given back.
+        limiter.finish_soon(admission, used.prompt_tokens + used.completion_tokens if used else 0)
 
 
 class _Reply:

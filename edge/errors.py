@@ -6,9 +6,10 @@ import logging
 import math
 
 import msgspec
+import nats.errors
 from aiohttp import web
 
-from bus.errors import RateLimited, TollgateError
+from bus.errors import NoCapacity, RateLimited, TollgateError
 from bus.openai_types import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ async def error_middleware(request: web.Request, handler):
         err = TollgateError(f"{exc.reason}: {request.method} {request.path}", code=code)
         err.status, err.type = exc.status, type_
         return error_response(err)
+    except nats.errors.Error:
+        log.exception("the bus failed on %s %s", request.method, request.path)
+        return error_response(NoCapacity("The gateway's message bus is unavailable right now. Try again shortly."))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(TollgateError("The server had an error while processing your request."))

@@ -27,9 +27,9 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from bus.errors import RateLimited
+from bus.errors import NoCapacity, RateLimited
 from bus.subjects import rate_counter, token
-from bus.tenancy import Limits, Policy
+from bus.tenancy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class InFlight:
         # One change at a time per scope from this edge: only other edges can race a CAS.
         self._locks: dict[str, asyncio.Lock] = {}
         self._cache: dict[str, tuple[dict, int | None]] = {}
+        self._owed: dict[str, int] = {}
 
     async def _change(self, scope: str, delta: int, limit: int | None) -> bool:
         lock = self._locks.setdefault(scope, asyncio.Lock())
@@ -138,7 +139,7 @@ class InFlight:
             except nats.js.errors.KeyWrongLastSequenceError:
                 cached = None  # another edge changed it first
                 await asyncio.sleep(random.uniform(0, 0.001 * attempt))
-        raise RuntimeError(f"in-flight count for {scope} too contended to change")
+        raise NoCapacity(f"The in-flight count for {scope} is too contended to change; try again.")
 
     async def acquire(self, scope: str, limit: int) -> bool:
         return await self._change(scope, +1, limit)
@@ -147,16 +148,21 @@ class InFlight:
         try:
             await self._change(scope, -1, None)
         except Exception:
-            log.warning("could not release an in-flight slot for %s; it goes stale in %ss", scope, _STALE_S)
+            log.warning("could not release an in-flight slot for %s yet; retrying", scope)
+            self._owed[scope] = self._owed.get(scope, 0) + 1
 
     async def keep_fresh(self) -> None:
-        """Re-stamp this edge's entries so long requests are not mistaken for a dead edge's."""
+        """Re-stamp this edge's entries so long requests are not mistaken for a dead edge's,
+        and hand back slots whose release failed."""
         while True:
             await asyncio.sleep(_STALE_S / 3)
             for scope, count in list(self._mine.items()):
-                if count:
-                    with contextlib.suppress(Exception):
-                        await self._change(scope, 0, None)
+                owed = self._owed.pop(scope, 0)
+                if count or owed:
+                    try:
+                        await self._change(scope, -owed, None)
+                    except Exception:
+                        self._owed[scope] = self._owed.get(scope, 0) + owed
 
 
 def _reset(seconds: float) -> str:
@@ -190,21 +196,21 @@ class RateLimiter:
             budget = self._budgets[key] = MinuteBudget(self._js, metric, scope, limit)
         return budget
 
-    async def admit(self, policy: Policy, tenant: str, key_id: str, estimate: int) -> Admission:
-        """Charge one request and ``estimate`` tokens to the key and the tenant, or raise RateLimited."""
+    async def admit(self, policy: Policy, estimate: int) -> Admission:
+        """Charge one request and ``estimate`` tokens to every scope of ``policy``, or raise RateLimited."""
         now = time.time()
         reset = WINDOW_S - now % WINDOW_S
-        scopes: list[tuple[str, Limits]] = [(f"k.{key_id}", policy.key_limits), (f"t.{tenant}", policy.tenant_limits)]
         headers: dict[str, str] = {}
         token_budgets: list[MinuteBudget] = []
         for metric, limit_of, amount in (("requests", "rpm", 1), ("tokens", "tpm", estimate)):
-            budgets = [self._budget(metric, scope, getattr(lim, limit_of)) for scope, lim in scopes
+            budgets = [self._budget(metric, scope, getattr(lim, limit_of)) for scope, lim in policy.limits
                        if getattr(lim, limit_of) is not None]
             for budget in budgets:
                 if not await budget.take(amount, now):
                     who = "this API key" if budget.scope.startswith("k.") else "your organization"
+                    model = " for this model" if ".m." in budget.scope else ""
                     raise RateLimited(
-                        f"Rate limit reached for {who} on {metric} per minute: limit {budget.limit}. "
+                        f"Rate limit reached for {who}{model} on {metric} per minute: limit {budget.limit}. "
                         f"Try again in {_reset(reset)}.",
                         kind=metric,
                         retry_after_s=reset,
@@ -217,14 +223,18 @@ class RateLimiter:
             if metric == "tokens":
                 token_budgets = budgets
         admission = Admission(headers, int(now // WINDOW_S), token_budgets, estimate)
-        limited = [(scope, lim.concurrency) for scope, lim in scopes if lim.concurrency is not None]
+        limited = [(scope, lim.concurrency) for scope, lim in policy.limits if lim.concurrency is not None]
         if limited:
-            # Key and tenant in parallel: one round trip, not two.
-            got = await asyncio.gather(*(self._inflight.acquire(scope, limit) for scope, limit in limited))
-            admission.in_flight = [scope for (scope, _), ok in zip(limited, got) if ok]
-            if not all(got):
-                await self.finish(admission, None)
-                limit = min(limit for (_, limit), ok in zip(limited, got) if not ok)
+            # Every scope in parallel: one round trip, not one each.
+            got = await asyncio.gather(*(self._inflight.acquire(scope, limit) for scope, limit in limited),
+                                       return_exceptions=True)
+            admission.in_flight = [scope for (scope, _), ok in zip(limited, got) if ok is True]
+            if not all(ok is True for ok in got):
+                await self.finish(admission, 0)
+                failure = next((ok for ok in got if isinstance(ok, BaseException)), None)
+                if failure is not None:
+                    raise NoCapacity("The rate limiter is unavailable right now. Try again shortly.") from failure
+                limit = min(limit for (_, limit), ok in zip(limited, got) if ok is False)
                 raise RateLimited(
                     f"Too many requests in flight: limit {limit}. Try again when one finishes.",
                     kind="requests",

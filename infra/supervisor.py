@@ -22,7 +22,7 @@ from bus.connect import connect
 from bus.errors import Conflict, NotFound
 from bus.issuers import register_issuer
 from bus.protocol import IssuerGrant
-from bus.signing import Identity
+from bus.signing import Identity, write_private
 from bus.provision import provision
 from bus.settings import Settings
 from bus.tenancy import Tenant, hash_key, key_id_of
@@ -35,8 +35,7 @@ from infra.nats_launcher import NatsServer
 
 def _secret_file(path: Path, make) -> str:
     if not path.exists():
-        path.write_text(make())
-        path.chmod(0o600)
+        write_private(path, make().encode())
     return path.read_text().strip()
 
 
@@ -66,8 +65,7 @@ async def _bootstrap(settings: Settings) -> tuple[str, str]:
                 if key.tenant == DEFAULT_TENANT and key.usable(time.time()) and key.hash == hash_key(secret):
                     return secret, admin
         _, secret = await store.create_key(DEFAULT_TENANT, name="tollgate up")
-        key_file.write_text(secret)
-        key_file.chmod(0o600)
+        write_private(key_file, secret.encode())
         return secret, admin
     finally:
         await nc.close()
@@ -112,8 +110,7 @@ def up(settings: Settings) -> int:
     port = urlparse(settings.nats.url).port or 4222
     passwords = roles.load_or_create(roles.auth_file(settings.state_dir), tuple(settings.services))
     config = state / "nats.conf"
-    config.write_text(roles.render(passwords))
-    config.chmod(0o600)
+    write_private(config, roles.render(passwords).encode())
     server = NatsServer(state / "nats", port=port if _port_free(port) else None, config=config).start()
     settings = msgspec.structs.replace(settings, nats=msgspec.structs.replace(settings.nats, url=server.url))
     env = {**os.environ, "TOLLGATE_NATS_URL": server.url, "TOLLGATE_STATE_DIR": str(state)}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import aiohttp
 import openai
 import pytest
 
-from tests.conftest import CHAT_MODEL, UNSERVED_MODEL, request_id, usage_rows
+from tests.conftest import CHAT_MODEL, UNSERVED_MODEL, admin, request_id, usage_rows
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -154,3 +155,30 @@ async def test_client_disconnect_cancels_the_work(client, clickhouse):
     [row] = await usage_rows(clickhouse, [request_id(chunk.id)], expect=1)
     assert row["status"] == "cancelled"
     assert row["output_units"] < 400
+
+
+async def test_any_int64_seed_is_accepted(client):
+    reply = await client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, seed=-1, max_tokens=3)
+    assert reply.usage.completion_tokens == 3
+
+
+async def test_a_request_abandoned_while_queued_never_runs(stack, meter, clickhouse):
+    status, body = await admin(stack, "POST", "/admin/tenants", json={"id": "impatient", "tier": "pro"})
+    assert status == 201
+    _, body = await admin(stack, "POST", "/admin/tenants/impatient/keys", json={})
+    client = stack.client(api_key=body["key"])
+    long = await client.chat.completions.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "Write a long story."}], max_tokens=150,
+        temperature=0, stream=True,
+    )
+    # The worker runs one request at a time: this one waits in the queue, and its client gives up.
+    queued = asyncio.create_task(client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION))
+    await asyncio.sleep(0.3)
+    queued.cancel()
+    async for _ in long:
+        pass
+    # Work runs in queue order: once a later request is metered, the abandoned one would have been too.
+    later = await client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, max_tokens=2)
+    await usage_rows(clickhouse, [request_id(later.id)], expect=1)
+    rows = await clickhouse.query("SELECT status FROM usage_events WHERE tenant = 'impatient'")
+    assert rows == [("ok",), ("ok",)], "only the finished and the later request ran"

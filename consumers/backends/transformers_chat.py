@@ -30,7 +30,7 @@ class _TokenPipe(BaseStreamer):
         self._loop.call_soon_threadsafe(self._queue.put_nowait, value.reshape(-1).tolist())
 
     def end(self) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+        """The end marker is sent by the generation thread itself, even when it fails."""
 
 
 class _StopWhen(StoppingCriteria):
@@ -87,10 +87,14 @@ class TransformersChat:
             kwargs.update(temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p or 1.0, top_k=0)
 
         def generate() -> None:
-            if body.seed is not None:
-                transformers.set_seed(body.seed)
-            with torch.inference_mode():
-                self.model.generate(**kwargs)
+            try:
+                if body.seed is not None:
+                    transformers.set_seed(body.seed % 2**32)  # numpy's seed range; OpenAI allows any int64
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            finally:
+                # However generation ends, the reader must hear of it, or it waits until the deadline.
+                loop.call_soon_threadsafe(queue.put_nowait, None)
 
         async with self._lock:
             job = loop.run_in_executor(None, generate)
@@ -99,7 +103,7 @@ class TransformersChat:
                     yield item
             finally:
                 stop_now.set()
-                await job
+                await job  # re-raises a failure in generate(), which the runtime reports
 
 
 async def _texts(tokenizer, queue: asyncio.Queue, stops: list[str], stop_now: threading.Event,

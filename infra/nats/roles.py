@@ -12,6 +12,7 @@ import json
 import secrets
 from pathlib import Path
 
+from bus.signing import write_private
 from bus.subjects import (
     CANCELLED_BUCKET,
     INFLIGHT_BUCKET,
@@ -125,7 +126,5 @@ def load_or_create(path: Path, services: tuple[str, ...] = ()) -> dict[str, str]
     wanted = [*ROLES, *(f"svc:{s}" for s in services)]
     passwords = {role: existing.get(role) or secrets.token_urlsafe(18) for role in wanted}
     if passwords != existing:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(passwords))
-        path.chmod(0o600)
+        write_private(path, json.dumps(passwords).encode())
     return passwords

@@ -13,8 +13,8 @@ def lane_for(service_tier: str | None, policy: Policy) -> str:
     return wanted if wanted in policy.allowed_lanes else default
 
 
-def tier_of(lane: str, policy: Policy) -> str:
-    """The ``service_tier`` a response reports: relative to the tenant's default lane."""
-    if lane == policy.default_lane:
+def tier_of(lane: str, default_lane: str) -> str:
+    """The ``service_tier`` a response reports: relative to the caller's default lane."""
+    if lane == default_lane:
         return "default"
-    return "priority" if LANES.index(lane) < LANES.index(policy.default_lane) else "flex"
+    return "priority" if LANES.index(lane) < LANES.index(default_lane) else "flex"
