@@ -42,6 +42,19 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         await js.update_stream(config)
 
 
+async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> None:
+    try:
+        await js.create_key_value(config)
+    except nats.js.errors.BadRequestError as exc:
+        if exc.err_code != _STREAM_EXISTS:
+            raise
+        # Bucket settings follow from ours (TTLs from liveness_s, max_deadline_s): carry a change over.
+        stream = (await js.stream_info(f"KV_{config.bucket}")).config
+        stream.max_age = config.ttl
+        stream.max_msgs_per_subject = config.history
+        await js.update_stream(stream)
+
+
 async def provision(js: JetStreamContext, settings: Settings) -> None:
     """Create or update every stream and bucket the gateway needs."""
     window = settings.max_deadline_s
@@ -71,14 +84,15 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
         ),
     )
     liveness_ttl = 3 * settings.worker.liveness_s
-    await js.create_key_value(
-        KeyValueConfig(bucket=WORKERS_BUCKET, history=1, ttl=liveness_ttl, limit_marker_ttl=1.0)
-    )
-    await js.create_key_value(KeyValueConfig(bucket=ISSUERS_BUCKET, history=1))
-    await js.create_key_value(KeyValueConfig(bucket=CANCELLED_BUCKET, history=1, ttl=window))
-    await js.create_key_value(KeyValueConfig(bucket=TENANTS_BUCKET, history=5))
-    await js.create_key_value(KeyValueConfig(bucket=KEYS_BUCKET, history=5))
-    await js.create_key_value(KeyValueConfig(bucket=INFLIGHT_BUCKET, history=1))
+    for config in (
+        KeyValueConfig(bucket=WORKERS_BUCKET, history=1, ttl=liveness_ttl, limit_marker_ttl=1.0),
+        KeyValueConfig(bucket=ISSUERS_BUCKET, history=1),
+        KeyValueConfig(bucket=CANCELLED_BUCKET, history=1, ttl=window),
+        KeyValueConfig(bucket=TENANTS_BUCKET, history=5),
+        KeyValueConfig(bucket=KEYS_BUCKET, history=5),
+        KeyValueConfig(bucket=INFLIGHT_BUCKET, history=1),
+    ):
+        await _ensure_bucket(js, config)
     await _ensure_stream(
         js,
         StreamConfig(

@@ -24,7 +24,7 @@ from bus.errors import InvalidRequest
 from bus.publisher import Publisher
 from bus.service_tier import tier_of
 from bus.connect import connect
-from bus.settings import ModelSpec, NatsSettings
+from bus.settings import MAX_DEADLINE_S, ModelSpec, NatsSettings
 from bus.signing import Identity
 from bus.subjects import LANES, token
 from bus.validation import decode_json
@@ -42,11 +42,15 @@ class TollgateClient:
     @classmethod
     async def connect(cls, nats_settings: NatsSettings, seed_path: Path, *, service: str, tenant: str,
                       lane: str = "normal", deadline_s: float = 120.0, silence_s: float = 5.0,
-                      models: dict[str, ModelSpec] | None = None) -> "TollgateClient":
+                      models: dict[str, ModelSpec] | None = None,
+                      max_deadline_s: float = MAX_DEADLINE_S) -> "TollgateClient":
         """Connect as ``service`` (its replies come on ``tg.reply.<service>.*``), billing ``tenant``.
 
         ``nats_settings`` carries the service's own NATS user (``svc_<service>``) and inbox prefix.
         """
+        if not 0 < deadline_s <= max_deadline_s:
+            # The JetStream dedupe window is max_deadline_s: a longer deadline could let a replay run twice.
+            raise ValueError(f"deadline_s must be in (0, {max_deadline_s}]")
         nc = await connect(nats_settings, f"tollgate-sdk-{service}")
         publisher = Publisher(nc, Identity.load_or_create(Path(seed_path)), token(service),
                               deadline_s=deadline_s, silence_s=silence_s)

@@ -18,6 +18,9 @@ from bus.subjects import LANES, token
 from bus.tenancy import DEFAULT_TIERS, Tier
 
 
+MAX_DEADLINE_S = 600.0
+
+
 class NatsSettings(msgspec.Struct, forbid_unknown_fields=True):
     url: str = "nats://127.0.0.1:4222"
     # This process's NATS user: one per role (infra/nats/roles.py), each with its own permissions.
@@ -85,7 +88,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     cache_dir: str = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tollgate")
     clickhouse_dsn: str = ""  # empty: embedded chDB under state_dir
     # Longest deadline a request may have; also the JetStream dedupe window.
-    max_deadline_s: float = 600.0
+    max_deadline_s: float = MAX_DEADLINE_S
     nats: NatsSettings = msgspec.field(default_factory=NatsSettings)
     edge: EdgeSettings = msgspec.field(default_factory=EdgeSettings)
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)

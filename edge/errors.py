@@ -16,14 +16,17 @@ log = logging.getLogger(__name__)
 
 
 
+def _error_json(exc: TollgateError) -> bytes:
+    return msgspec.json.encode(ErrorResponse(ErrorBody(exc.message, exc.type, exc.param, exc.code)))
+
+
 def error_response(exc: TollgateError, headers: dict[str, str] | None = None) -> web.Response:
-    body = ErrorResponse(ErrorBody(exc.message, exc.type, exc.param, exc.code))
-    return web.Response(status=exc.status, body=msgspec.json.encode(body), content_type="application/json", headers=headers)
+    return web.Response(status=exc.status, body=_error_json(exc), content_type="application/json", headers=headers)
 
 
 def error_event(exc: TollgateError) -> bytes:
     """The SSE event that reports an error after a stream has begun."""
-    return b"data: " + msgspec.json.encode(ErrorResponse(ErrorBody(exc.message, exc.type, exc.param, exc.code))) + b"\n\n"
+    return b"data: " + _error_json(exc) + b"\n\n"
 
 
 _HTTP_TYPES = {404: ("invalid_request_error", "unknown_url"), 405: ("invalid_request_error", "method_not_allowed"),

@@ -40,15 +40,16 @@ class NatsServer:
         cmd = [server_binary(), "-js", "-sd", str(self.data_dir), "-a", "127.0.0.1", "-p", str(self.port)]
         if self.config:
             cmd += ["-c", str(self.config)]
-        log = open(self.data_dir / "nats-server.log", "ab")
-        # Its own session: a terminal's Ctrl-C must not stop the server before its clients drain.
-        self._proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
+        log = self.data_dir / "nats-server.log"
+        with open(log, "ab") as out:
+            # Its own session: a terminal's Ctrl-C must not stop the server before its clients drain.
+            self._proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self._proc.returncode}; see {log.name}")
+                raise RuntimeError(f"nats-server exited with {self._proc.returncode}; see {log}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 return self
