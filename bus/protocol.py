@@ -121,6 +121,34 @@ class UsageEvent(msgspec.Struct, frozen=True):
     error_code: str | None = None
 
 
+# -- usage queries (request-reply to billing, tg.billing.usage) --------------
+
+USAGE_GROUPS = ("tenant", "principal", "model", "lane", "status", "hour", "day")
+
+
+class UsageQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Sums of usage between ``start`` and ``end`` (unix seconds), grouped as asked."""
+
+    tenant: str | None = None  # None: every tenant (admin only)
+    start: float | None = None
+    end: float | None = None
+    group_by: list[str] = []
+    limit: int = 1000
+
+
+class UsageTotals(msgspec.Struct, frozen=True):
+    group: dict[str, str]
+    requests: int
+    input_units: int
+    output_units: int
+    cost_micros: int
+
+
+class UsageAnswer(msgspec.Struct, frozen=True):
+    data: list[UsageTotals] = []
+    error: ErrorInfo | None = None
+
+
 # -- worker liveness (KV tg_workers) ------------------------------------------
 
 

@@ -15,6 +15,8 @@ KEYS_BUCKET = "tg_keys"
 INFLIGHT_BUCKET = "tg_inflight"
 RATELIMIT_STREAM = "RATELIMIT"
 METER_CONSUMER = "meter"
+# Billing answers usage queries here (request-reply): it owns the ClickHouse engine.
+USAGE_QUERY_SUBJECT = "tg.billing.usage"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 

@@ -24,6 +24,7 @@ from edge.auth import Authenticator
 from edge.chat import chat_completions
 from edge.errors import error_middleware
 from edge.ratelimit import InFlight, RateLimiter
+from edge.usage import admin_usage, tenant_usage
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/usage", tenant_usage)
+    app.router.add_get("/admin/usage", admin_usage)
     add_routes(app.router)
 
     async def lifecycle(app: web.Application):

@@ -23,6 +23,7 @@ from openai import AsyncOpenAI
 from billing.clickhouse import ClickHouse
 from billing.meter import Meter
 from billing.schema import apply_schema
+from billing.usage_service import UsageService
 from bus.provision import provision
 from bus.issuers import register_issuer
 from bus.protocol import IssuerGrant
@@ -144,7 +145,7 @@ class Stack:
 
 
 class MeterRunner:
-    """The metering consumer, in this process, stoppable and restartable by tests."""
+    """The metering consumer and usage query service, in this process, stoppable and restartable by tests."""
 
     def __init__(self, stack: Stack, ch: ClickHouse):
         self.stack, self.ch = stack, ch
@@ -157,12 +158,15 @@ class MeterRunner:
         self.nc = await self.stack.connect("billing")
         self.meter = Meter(self.stack.settings, self.nc, self.ch)
         await self.meter.start()
+        self.usage = UsageService(self.nc, self.ch)
+        await self.usage.start()
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(self.meter.run(self._stop))
 
     async def stop(self) -> None:
         self._stop.set()
         await self._task
+        await self.usage.stop()
         await self.meter.close()
         await self.nc.close()
 

@@ -20,6 +20,7 @@ from bus.subjects import (
     KEYS_BUCKET,
     REQUESTS_STREAM,
     TENANTS_BUCKET,
+    USAGE_QUERY_SUBJECT,
     USAGE_STREAM,
     WORKERS_BUCKET,
 )
@@ -66,7 +67,7 @@ def permissions(role: str) -> dict:
     if role == "admin":
         return {"publish": [">"], "subscribe": [">"]}
     if role == "edge":
-        pub = ["tg.req.>", "tg.cancel.>", "tg.rl.>", *_kv_write(CANCELLED_BUCKET), *_kv_write(INFLIGHT_BUCKET),
+        pub = ["tg.req.>", "tg.cancel.>", "tg.rl.>", USAGE_QUERY_SUBJECT, *_kv_write(CANCELLED_BUCKET), *_kv_write(INFLIGHT_BUCKET),
                *_kv_write(TENANTS_BUCKET), *_kv_write(KEYS_BUCKET), *_kv_read(WORKERS_BUCKET), *_kv_read(ISSUERS_BUCKET)]
         # Edges own the HTTP connections of every tenant, so they may read any edge's replies.
         sub = ["tg.reply.>"]
@@ -76,14 +77,17 @@ def permissions(role: str) -> dict:
         sub = ["tg.req.>", "tg.cancel.>"]  # the doorbell and cancels; never publish work
     elif role == "billing":
         pub = [*_consume(USAGE_STREAM)]
-        sub = []
+        sub = [USAGE_QUERY_SUBJECT]  # it answers usage queries (allow_responses, below)
     elif role.startswith("svc:"):
         name = role.removeprefix("svc:")
         pub = ["tg.req.>", "tg.cancel.>", *_kv_write(CANCELLED_BUCKET), *_kv_read(WORKERS_BUCKET)]
         sub = [f"tg.reply.{name}.>"]  # its own replies, nobody else's
     else:
         raise ValueError(f"unknown role {role!r}")
-    return {"publish": common_pub + pub, "subscribe": sub + [f"{inbox(_user(role))}.>"]}
+    allowed = {"publish": common_pub + pub, "subscribe": sub + [f"{inbox(_user(role))}.>"]}
+    if role == "billing":
+        allowed["allow_responses"] = True
+    return allowed
 
 
 def _user(role: str) -> str:

@@ -1,0 +1,81 @@
+"""The usage query service: billing answers usage questions over NATS request-reply.
+
+Billing owns the ClickHouse engine (embedded chDB allows one process per
+path), so the edge asks here instead of opening ClickHouse itself. Queries
+read the per-hour rollup.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from billing.clickhouse import ClickHouse
+from bus.errors import InvalidRequest, TollgateError
+from bus.protocol import USAGE_GROUPS, UsageAnswer, UsageQuery, UsageTotals
+from bus.subjects import USAGE_QUERY_SUBJECT
+
+log = logging.getLogger(__name__)
+
+_decode = msgspec.msgpack.Decoder(UsageQuery).decode
+_GROUP_SQL = {"hour": "toString(hour)", "day": "toString(toDate(hour))"}
+
+
+def usage_sql(query: UsageQuery) -> tuple[str, dict]:
+    """The SQL and parameters that answer ``query`` from the hourly rollup."""
+    unknown = [g for g in query.group_by if g not in USAGE_GROUPS]
+    if unknown:
+        raise InvalidRequest(f"cannot group by {unknown[0]!r}; choose from {', '.join(USAGE_GROUPS)}", param="group_by")
+    where, params = [], {}
+    if query.tenant is not None:
+        where.append("tenant = {tenant:String}")
+        params["tenant"] = query.tenant
+    if query.start is not None:
+        where.append("hour >= toStartOfHour({start:DateTime})")
+        params["start"] = datetime.fromtimestamp(query.start, timezone.utc)
+    if query.end is not None:
+        where.append("hour < {end:DateTime}")
+        params["end"] = datetime.fromtimestamp(query.end, timezone.utc)
+    groups = [f"{_GROUP_SQL.get(g, g)} AS {g}" for g in query.group_by]
+    select = ", ".join([*groups, "sum(requests)", "sum(input_units)", "sum(output_units)", "sum(cost_micros)"])
+    sql = f"SELECT {select} FROM usage_hour"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if groups:
+        sql += " GROUP BY " + ", ".join(query.group_by) + " ORDER BY sum(cost_micros) DESC, sum(requests) DESC"
+    return sql + f" LIMIT {max(1, min(query.limit, 10_000))}", params
+
+
+class UsageService:
+    def __init__(self, nc: Client, ch: ClickHouse):
+        self.nc, self.ch = nc, ch
+        self._sub = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(USAGE_QUERY_SUBJECT, queue="billing", cb=self._answer)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    async def _answer(self, msg: Msg) -> None:
+        try:
+            query = _decode(msg.data)
+            sql, params = usage_sql(query)
+            rows = await self.ch.query(sql, params)
+            n = len(query.group_by)
+            answer = UsageAnswer([
+                UsageTotals(dict(zip(query.group_by, map(str, row[:n]))), *map(int, row[n:])) for row in rows
+            ])
+        except TollgateError as exc:
+            answer = UsageAnswer(error=exc.info())
+        except msgspec.DecodeError:
+            answer = UsageAnswer(error=InvalidRequest("malformed usage query").info())
+        except Exception:
+            log.exception("usage query failed")
+            answer = UsageAnswer(error=TollgateError("The usage query failed.").info())
+        await msg.respond(msgspec.msgpack.encode(answer))
