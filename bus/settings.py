@@ -8,6 +8,7 @@ environment variables named ``TOLLGATE_<SECTION>_<FIELD>`` (for example
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal, Mapping
@@ -66,9 +67,13 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     # Sampling defaults for requests that leave them out (as a model's generation_config would).
     temperature: float | None = None
     top_p: float | None = None
-    # Integer micro-credits per token.
+    # Integer micro-credits per token, before the lane's multiplier.
     input_price: int = 0
     output_price: int = 0
+
+    def cost(self, input_tokens: int, output_tokens: int, lane_multiplier: float) -> int:
+        """Micro-credits for one request, rounded up to a whole micro-credit."""
+        return math.ceil((input_tokens * self.input_price + output_tokens * self.output_price) * lane_multiplier)
 
 
 DEFAULT_MODELS: dict[str, ModelSpec] = {
@@ -95,6 +100,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     meter: MeterSettings = msgspec.field(default_factory=MeterSettings)
     models: dict[str, ModelSpec] = msgspec.field(default_factory=lambda: dict(DEFAULT_MODELS))
     tiers: dict[str, Tier] = msgspec.field(default_factory=lambda: dict(DEFAULT_TIERS))
+    # Price multiplier per lane: priority dearer, flex cheaper.
+    lane_multipliers: dict[str, float] = msgspec.field(
+        default_factory=lambda: {"critical": 2.0, "high": 1.5, "normal": 1.0, "batch": 0.5}
+    )
     # Internal services that get a NATS user of their own (`svc_<name>`) on the local stack.
     services: list[str] = []
 

@@ -229,7 +229,9 @@ class Worker:
             input_units=result.prompt_tokens,
             output_units=result.completion_tokens,
             unit="tokens",
-            cost_micros=result.prompt_tokens * self.spec.input_price + result.completion_tokens * self.spec.output_price,
+            cost_micros=self.spec.cost(
+                result.prompt_tokens, result.completion_tokens, self.settings.lane_multipliers.get(envelope.lane, 1.0)
+            ),
             status=status,
             cache_hit=False,
             worker_id=self.worker_id,

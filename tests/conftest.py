@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "tga-test-admin"
 CHAT_MODEL = "smollm2-135m"
 DEFAULT_TENANT = "default"
+# Micro-credits per token for the chat model in the test stack.
+CHAT_INPUT_PRICE, CHAT_OUTPUT_PRICE = 3, 7
 # Internal services with NATS users of their own.
 SERVICES = ("reports", "rogue", "svc-a", "svc-b")
 # Same weights under another name, served only by workers that tests start and kill themselves.
@@ -73,7 +75,9 @@ ack_wait_s = 3
 ack_wait_s = 2
 
 [models."{CHAT_MODEL}"]
-{smol}
+{smol}input_price = {CHAT_INPUT_PRICE}
+output_price = {CHAT_OUTPUT_PRICE}
+
 [models."{SPARE_MODEL}"]
 {smol}
 [models."{UNSERVED_MODEL}"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import openai
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, CHAT_MODEL, UNSERVED_MODEL, admin, request_id, usage_rows
+from tests.conftest import ADMIN_TOKEN, CHAT_INPUT_PRICE, CHAT_MODEL, CHAT_OUTPUT_PRICE, UNSERVED_MODEL, admin, request_id, usage_rows
 
 HI = [{"role": "user", "content": "Say hi."}]
 
@@ -109,12 +110,16 @@ async def test_service_tier_moves_lanes_only_where_allowed(stack, meter, clickho
     small = stack.client(api_key=await _tenant(stack, "smallco", tier="free"))
     cases = [(big, None, "default", "high"), (big, "priority", "priority", "critical"), (big, "flex", "flex", "batch"),
              (small, "priority", "default", "normal"), (small, "flex", "flex", "batch")]
+    multipliers = stack.settings.lane_multipliers
     for client, asked, reported, lane in cases:
         extra = {"service_tier": asked} if asked else {}
         reply = await client.chat.completions.create(model=CHAT_MODEL, messages=HI, max_tokens=2, **extra)
         assert reply.service_tier == reported
         [row] = await usage_rows(clickhouse, [request_id(reply.id)], expect=1)
         assert row["lane"] == lane
+        # Priced per token, then by the lane: priority dearer, flex cheaper.
+        base = reply.usage.prompt_tokens * CHAT_INPUT_PRICE + reply.usage.completion_tokens * CHAT_OUTPUT_PRICE
+        assert row["cost_micros"] == math.ceil(base * multipliers[lane])
 
 
 async def _wait_for_fresh_minute(margin_s: float = 20.0) -> None:
