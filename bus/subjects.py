@@ -60,8 +60,11 @@ def usage_subject(tenant: str) -> str:
 
 
 def rate_counter(metric: str, scope: str, window: int) -> str:
-    """The shared counter of ``metric`` (requests or tokens) for ``scope`` in one minute window."""
-    return f"tg.rl.{metric}.{token(scope)}.{window}"
+    """The shared counter of ``metric`` (requests or tokens) for ``scope`` in one minute window.
+
+    A scope is already made of subject-safe tokens joined by dots (``bus.tenancy.policy``).
+    """
+    return f"tg.rl.{metric}.{scope}.{window}"
 
 
 def liveness_key(model: str, worker_id: str) -> str:

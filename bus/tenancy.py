@@ -9,7 +9,7 @@ import time
 
 import msgspec
 
-from bus.subjects import LANES
+from bus.subjects import LANES, token
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 KEY_PREFIX = "sk-tg-"
@@ -122,11 +122,14 @@ class Policy(msgspec.Struct, frozen=True):
 
 
 def policy(tenant: Tenant, key: ApiKey, tier: Tier, model: str) -> Policy:
+    # Scopes keep their parts as separate subject tokens, so no tenant's scope can
+    # spell another's (tenant ids and key ids hold no dots; model names are tokenised).
+    m = token(model)
     candidates = [
         (f"t.{tenant.id}", tenant.limits.over(tier.limits)),
-        (f"t.{tenant.id}.m.{model}", tenant.model_limits.get(model, NO_LIMITS).over(tier.model_limits.get(model, NO_LIMITS))),
+        (f"t.{tenant.id}.m.{m}", tenant.model_limits.get(model, NO_LIMITS).over(tier.model_limits.get(model, NO_LIMITS))),
         (f"k.{key.id}", key.limits),
-        (f"k.{key.id}.m.{model}", key.model_limits.get(model, NO_LIMITS)),
+        (f"k.{key.id}.m.{m}", key.model_limits.get(model, NO_LIMITS)),
     ]
     return Policy(
         default_lane=tenant.default_lane or tier.default_lane,

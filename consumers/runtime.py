@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 import uuid
 
 import nats.js.errors
@@ -62,8 +63,9 @@ class Worker:
         self._doorbell = asyncio.Event()
         self._stopping = False
         self._running: dict[str, asyncio.Event] = {}
-        # Requests cancelled while possibly still queued: checked on every delivery, no round trip.
-        self._cancelled_ids: dict[str, float] = {}
+        # Requests cancelled while possibly still queued, oldest first: checked on every
+        # delivery with no round trip, forgotten once used or past the longest deadline.
+        self._cancelled_ids: OrderedDict[str, float] = OrderedDict()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then finish the requests in hand and leave."""
@@ -104,9 +106,9 @@ class Worker:
             return
         now = time.time()
         self._cancelled_ids[request_id] = now
-        if len(self._cancelled_ids) > 10_000:
-            horizon = now - self.settings.max_deadline_s
-            self._cancelled_ids = {k: t for k, t in self._cancelled_ids.items() if t > horizon}
+        horizon = now - self.settings.max_deadline_s
+        while next(iter(self._cancelled_ids.values())) < horizon:
+            self._cancelled_ids.popitem(last=False)
 
     async def _dispatch(self) -> None:
         """Take one message whenever a slot is free; on stop, wait for the requests in hand."""
@@ -146,7 +148,7 @@ class Worker:
             envelope = open_envelope(msg.data, msg.headers, self._issuers.get, time.time())
             if envelope.model != self.model:
                 raise BadEnvelope(f"envelope for {envelope.model} on {self.model}'s queue")
-            if envelope.id in self._cancelled_ids or (
+            if self._cancelled_ids.pop(envelope.id, None) is not None or (
                 msg.metadata.num_delivered > 1 and await self._was_cancelled(envelope.id)
             ):
                 raise BadEnvelope("its client had gone before it ran")

@@ -28,7 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from bus.errors import NoCapacity, RateLimited
-from bus.subjects import rate_counter, token
+from bus.subjects import rate_counter
 from bus.tenancy import Policy
 
 log = logging.getLogger(__name__)
@@ -104,14 +104,13 @@ class InFlight:
             return await self._cas(scope, delta, limit)
 
     async def _cas(self, scope: str, delta: int, limit: int | None) -> bool:
-        key = token(scope)
         # Our last write is usually still the latest: try it first, one round trip; a
         # stale copy only costs a failed CAS (or a re-read before refusing).
-        cached = self._cache.get(key)
+        cached = self._cache.get(scope)
         for attempt in range(_CAS_TRIES):
             if cached is None:
                 try:
-                    entry = await self._kv.get(key)
+                    entry = await self._kv.get(scope)  # scopes are valid KV keys
                     cached = (msgspec.msgpack.decode(entry.value), entry.revision)
                 except nats.js.errors.KeyNotFoundError:
                     cached = ({}, None)
@@ -130,10 +129,10 @@ class InFlight:
             try:
                 data = msgspec.msgpack.encode(counts)
                 if cached[1] is None:
-                    revision = await self._kv.create(key, data)
+                    revision = await self._kv.create(scope, data)
                 else:
-                    revision = await self._kv.update(key, data, last=cached[1])
-                self._cache[key] = (counts, revision)
+                    revision = await self._kv.update(scope, data, last=cached[1])
+                self._cache[scope] = (counts, revision)
                 self._mine[scope] = mine
                 return True
             except nats.js.errors.KeyWrongLastSequenceError:
