@@ -77,7 +77,7 @@ async def main(events: int, rate: float) -> None:
         await meter.start()
         stop = asyncio.Event()
         started = time.perf_counter()
-        task = asyncio.create_task(meter.run(stop))
+        task = asyncio.create_task(meter.run(stop, meter.handle))
         while await rows(ch, "burst") < events:
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - started

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Any, Sequence
 
 import clickhouse_connect
@@ -31,6 +32,15 @@ class ClickHouse:
     async def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
         await self._call(self._client.insert, table, rows, column_names=list(columns))
 
+    async def insert_columns(self, table: str, data: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
+        """Insert data given as one sequence per column."""
+        await self._call(self._client.insert, table, data, column_names=list(columns), column_oriented=True)
+
     def close(self) -> None:
         self._pool.submit(self._client.close).result()
         self._pool.shutdown()
+
+
+def utc(ts: float | None) -> datetime | None:
+    """Unix seconds as the timezone-aware datetime a DateTime64 column takes."""
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)

@@ -1,36 +1,92 @@
-"""The metering process entry point."""
+"""The billing process: metering, the credit ledger, holds, budgets, alert webhooks and usage queries."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import signal
 
+from nats.aio.client import Client
 
+from billing.budgets import BudgetTracker
 from billing.clickhouse import ClickHouse
+from billing.expiry import expire_lapsed
+from billing.holds import HoldSweeper
+from billing.ledger import LedgerWriter
 from billing.meter import Meter
 from billing.schema import apply_schema
 from billing.usage_service import UsageService
+from billing.webhooks import WebhookSender
 from bus.connect import connect
+from bus.provision import ensure_billing_consumers
 from bus.settings import Settings
 
+log = logging.getLogger(__name__)
 
-async def serve_meter(settings: Settings) -> None:
-    """Apply the schema, then meter usage into ClickHouse and answer usage queries until SIGINT or SIGTERM."""
+
+class Billing:
+    """Every billing consumer over one NATS connection and one ClickHouse engine."""
+
+    def __init__(self, settings: Settings, nc: Client, ch: ClickHouse):
+        js = nc.jetstream()
+        self.settings, self.js = settings, js
+        self.budgets = BudgetTracker(js, ch)
+        self.meter = Meter(settings, nc, ch, on_stored=self.budgets.refresh)
+        self.ledger = LedgerWriter(settings, nc, ch)
+        self.holds = HoldSweeper(settings, nc, ch)
+        self.webhooks = WebhookSender(settings, nc)
+        self.usage = UsageService(nc, ch)
+        self._consumers = (self.meter, self.ledger, self.holds, self.webhooks)
+        self.ch = ch
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        await ensure_billing_consumers(self.js, self.settings)
+        await self.budgets.start()
+        for part in (*self._consumers, self.usage):
+            await part.start()
+        self._stop = asyncio.Event()
+        self._tasks = [
+            *(asyncio.create_task(part.run(self._stop, part.handle)) for part in self._consumers),
+            asyncio.create_task(self._chores()),
+        ]
+
+    async def _chores(self) -> None:
+        """Lapse expired grants and follow budgets into new periods, on a timer."""
+        while not self._stop.is_set():
+            try:
+                await expire_lapsed(self.js, self.ch)
+                await self.budgets.refresh()
+            except Exception:
+                log.exception("a periodic billing chore failed; it runs again next interval")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.settings.meter.expiry_interval_s)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        await self.usage.stop()
+        for part in self._consumers:
+            await part.close()
+        await self.budgets.stop()
+
+
+async def serve_billing(settings: Settings) -> None:
+    """Apply the schema, then run billing until SIGINT or SIGTERM."""
     ch = await asyncio.to_thread(ClickHouse, settings.clickhouse)
     await apply_schema(ch)
-    nc = await connect(settings.nats, "tollgate-meter")
+    nc = await connect(settings.nats, "tollgate-billing")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    meter = Meter(settings, nc, ch)
-    await meter.start()
-    usage = UsageService(nc, ch)
-    await usage.start()
+    billing = Billing(settings, nc, ch)
+    await billing.start()
     try:
-        await meter.run(stop)
+        await stop.wait()
     finally:
-        await usage.stop()
-        await meter.close()
+        await billing.stop()
         await nc.drain()
         ch.close()

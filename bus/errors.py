@@ -93,6 +93,14 @@ class RateLimited(TollgateError):
         self.retry_after_s = retry_after_s
 
 
+class InsufficientQuota(TollgateError):
+    """Not enough prepaid credits (or budget) left for the request's maximum cost; OpenAI's 429."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class WorkerFailed(TollgateError):
     """The worker running a request died or broke its reply stream."""
 

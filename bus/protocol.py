@@ -56,6 +56,8 @@ class Envelope(msgspec.Struct, frozen=True):
     body: RequestBody
     trace: dict[str, str] = {}
     v: int = SCHEMA_VERSION
+    # Micro-credits held for this request at admission (prepaid tenants); settled from its usage.
+    hold_micros: int = 0
 
 
 # -- reply frames (core NATS, tg.reply.<edge>.<request>) ---------------------
@@ -119,6 +121,50 @@ class UsageEvent(msgspec.Struct, frozen=True):
     cache_hit: bool
     worker_id: str
     error_code: str | None = None
+    hold_micros: int = 0  # copied from the envelope: what the meter settles against cost_micros
+
+
+# -- credits (JetStream EVENTS tg.event.credit.<tenant>, HOLDS tg.hold.<tenant>) --
+
+CREDIT_KINDS = ("grant", "topup", "refund", "expire")
+
+
+class CreditEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One immutable change to a tenant's credits; debits come from usage events instead."""
+
+    id: str  # its Nats-Msg-Id and ledger key: retrying a change with the same id applies it once
+    tenant: str
+    kind: str  # one of CREDIT_KINDS
+    amount_micros: int  # signed: expiries are negative
+    at: float
+    expires_at: float | None = None  # grants that lapse; spent before grants that do not
+    grant_id: str | None = None  # expire: the grant whose unspent rest lapsed
+    request_id: str | None = None  # refund: the request refunded
+    note: str = ""
+
+
+class HoldNotice(msgspec.Struct, frozen=True):
+    """An edge's word that a held request ended; billing releases the hold if no usage ever comes."""
+
+    request_id: str
+    tenant: str
+    hold_micros: int
+    deadline: float
+
+
+class BudgetAlert(msgspec.Struct, frozen=True):
+    """A budget crossed one threshold in one period (``tg.event.budget.<tenant>``)."""
+
+    id: str  # budget, period and threshold: the one alert there may be for them
+    budget_id: str
+    tenant: str
+    key: str | None
+    threshold: int  # percent
+    period: str
+    spent_micros: int
+    amount_micros: int
+    mode: str
+    at: float
 
 
 # -- usage queries (request-reply to billing, tg.billing.usage) --------------
@@ -175,6 +221,9 @@ _envelope_encoder = msgspec.msgpack.Encoder()
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
 _frame_decoder = msgspec.msgpack.Decoder(Frame)
 _usage_decoder = msgspec.msgpack.Decoder(UsageEvent)
+_credit_decoder = msgspec.msgpack.Decoder(CreditEntry)
+_hold_decoder = msgspec.msgpack.Decoder(HoldNotice)
+_alert_decoder = msgspec.msgpack.Decoder(BudgetAlert)
 
 encode = _envelope_encoder.encode
 
@@ -189,3 +238,15 @@ def decode_frame(data: bytes) -> Frame:
 
 def decode_usage(data: bytes) -> UsageEvent:
     return _usage_decoder.decode(data)
+
+
+def decode_credit(data: bytes) -> CreditEntry:
+    return _credit_decoder.decode(data)
+
+
+def decode_hold(data: bytes) -> HoldNotice:
+    return _hold_decoder.decode(data)
+
+
+def decode_alert(data: bytes) -> BudgetAlert:
+    return _alert_decoder.decode(data)

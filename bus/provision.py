@@ -15,7 +15,15 @@ from nats.js.api import (
 
 from bus.settings import Settings
 from bus.subjects import (
+    BUDGET_STATE_BUCKET,
+    BUDGETS_BUCKET,
     CANCELLED_BUCKET,
+    CREDITS_STREAM,
+    EVENTS_STREAM,
+    HOLDS_CONSUMER,
+    HOLDS_STREAM,
+    LEDGER_CONSUMER,
+    WEBHOOKS_CONSUMER,
     INFLIGHT_BUCKET,
     KEYS_BUCKET,
     RATELIMIT_STREAM,
@@ -91,6 +99,8 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
         KeyValueConfig(bucket=TENANTS_BUCKET, history=5),
         KeyValueConfig(bucket=KEYS_BUCKET, history=5),
         KeyValueConfig(bucket=INFLIGHT_BUCKET, history=1),
+        KeyValueConfig(bucket=BUDGETS_BUCKET, history=5),
+        KeyValueConfig(bucket=BUDGET_STATE_BUCKET, history=1),
     ):
         await _ensure_bucket(js, config)
     await _ensure_stream(
@@ -103,6 +113,27 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
             max_age=180,  # a window's counter outlives its minute, then goes
         ),
     )
+    # Credit adds are retried under one message id (hold-, settle-, ledger-<id>); the
+    # window covers the longest a request or a redelivered usage batch can take.
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=CREDITS_STREAM,
+            subjects=["tg.credit.>"],
+            allow_msg_counter=True,
+            storage=StorageType.FILE,
+            max_msgs_per_subject=1,  # the last add carries the total; history lives in ClickHouse
+            duplicate_window=2 * window,
+        ),
+    )
+    for name, subjects in ((EVENTS_STREAM, ["tg.event.>"]), (HOLDS_STREAM, ["tg.hold.>"])):
+        await _ensure_stream(
+            js,
+            StreamConfig(
+                name=name, subjects=subjects, retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+                duplicate_window=2 * window,
+            ),
+        )
 
 
 async def ensure_work_consumers(js: JetStreamContext, settings: Settings, model: str) -> None:
@@ -133,3 +164,19 @@ async def ensure_meter_consumer(js: JetStreamContext, settings: Settings) -> Non
         ),
     )
 
+
+
+async def ensure_billing_consumers(js: JetStreamContext, settings: Settings) -> None:
+    """The durable consumers billing reads besides usage: ledger entries, ended holds, alerts to deliver."""
+    for stream, name, subject, extra in (
+        (EVENTS_STREAM, LEDGER_CONSUMER, "tg.event.credit.>", {}),
+        (HOLDS_STREAM, HOLDS_CONSUMER, "tg.hold.>", {}),
+        (EVENTS_STREAM, WEBHOOKS_CONSUMER, "tg.event.budget.>", {"max_deliver": settings.meter.webhook_attempts}),
+    ):
+        await js.add_consumer(
+            stream,
+            ConsumerConfig(
+                durable_name=name, filter_subject=subject, ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=settings.meter.ack_wait_s, max_ack_pending=-1, **extra,
+            ),
+        )

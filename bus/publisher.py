@@ -112,11 +112,15 @@ class Publisher:
             raise NoCapacity(f"No worker is serving the model '{model}' right now. Try again shortly.")
 
     @contextlib.asynccontextmanager
-    async def submit(self, *, tenant: str, principal: str, model: str, lane: str, kind: str, body: RequestBody):
-        """Publish one signed request and yield its ``Call``; cancel it if left unfinished."""
+    async def submit(self, *, tenant: str, principal: str, model: str, lane: str, kind: str, body: RequestBody,
+                     request_id: str | None = None, hold_micros: int = 0):
+        """Publish one signed request and yield its ``Call``; cancel it if left unfinished.
+
+        A caller that held credits for the request passes its id and the hold.
+        """
         self.check_serving(model)
         now = time.time()
-        request_id = new_request_id()
+        request_id = request_id or new_request_id()
         envelope = Envelope(
             id=request_id,
             tenant=tenant,
@@ -129,6 +133,7 @@ class Publisher:
             deadline=now + self.deadline_s,
             reply=reply_subject(self.publisher_id, request_id),
             body=body,
+            hold_micros=hold_micros,
         )
         data, headers = seal(envelope, self.identity, self.deadline_s)
         call = Call(envelope, self.silence_s)

@@ -50,8 +50,18 @@ class WorkerSettings(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class MeterSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """The billing process: metering, credits, budgets and alert delivery."""
+
     batch_size: int = 1000
     ack_wait_s: float = 30.0
+    # A held request's hold is released this long after its deadline if no usage came for it.
+    hold_grace_s: float = 30.0
+    # How often grants that have lapsed are looked for.
+    expiry_interval_s: float = 10.0
+    # Budget alert webhooks: attempts in all, and the first retry's delay (doubling after).
+    webhook_attempts: int = 8
+    webhook_backoff_s: float = 2.0
+    webhook_timeout_s: float = 5.0
 
 
 class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -70,6 +80,8 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     # Integer micro-credits per token, before the lane's multiplier.
     input_price: int = 0
     output_price: int = 0
+    # Completion cap for prepaid requests that set no max_tokens: the hold must have a bound.
+    default_max_tokens: int = 1024
 
     def cost(self, input_tokens: int, output_tokens: int, lane_multiplier: float) -> int:
         """Micro-credits for one request, rounded up to a whole micro-credit."""

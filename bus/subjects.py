@@ -14,7 +14,17 @@ TENANTS_BUCKET = "tg_tenants"
 KEYS_BUCKET = "tg_keys"
 INFLIGHT_BUCKET = "tg_inflight"
 RATELIMIT_STREAM = "RATELIMIT"
+# Prepaid balances: one JetStream counter per tenant (what is left after holds).
+CREDITS_STREAM = "CREDITS"
+# Credit ledger entries and budget alerts, for billing, webhooks and any subscriber.
+EVENTS_STREAM = "EVENTS"
+HOLDS_STREAM = "HOLDS"
+BUDGETS_BUCKET = "tg_budgets"
+BUDGET_STATE_BUCKET = "tg_budget_state"
 METER_CONSUMER = "meter"
+LEDGER_CONSUMER = "ledger"
+HOLDS_CONSUMER = "holds"
+WEBHOOKS_CONSUMER = "webhooks"
 # Billing answers usage queries here (request-reply): it owns the ClickHouse engine.
 USAGE_QUERY_SUBJECT = "tg.billing.usage"
 
@@ -57,6 +67,22 @@ CANCEL_WILDCARD = "tg.cancel.*"
 
 def usage_subject(tenant: str) -> str:
     return f"tg.usage.{token(tenant)}"
+
+
+def credit_counter(tenant: str) -> str:
+    return f"tg.credit.{token(tenant)}"
+
+
+def credit_event_subject(tenant: str) -> str:
+    return f"tg.event.credit.{token(tenant)}"
+
+
+def budget_event_subject(tenant: str) -> str:
+    return f"tg.event.budget.{token(tenant)}"
+
+
+def hold_subject(tenant: str) -> str:
+    return f"tg.hold.{token(tenant)}"
 
 
 def rate_counter(metric: str, scope: str, window: int) -> str:

@@ -61,6 +61,8 @@ class Tenant(msgspec.Struct, forbid_unknown_fields=True):
     model_limits: dict[str, Limits] = {}
     models: list[str] | None = None
     disabled: bool = False
+    # Prepaid tenants run only what their credits cover: admission holds each request's maximum cost.
+    prepaid: bool = False
     created: float = 0.0
 
 
@@ -119,6 +121,7 @@ class Policy(msgspec.Struct, frozen=True):
     # ``t.<tenant>`` and ``k.<key>``, plus ``….m.<model>`` where a per-model limit is set.
     # A per-model limit is a further limit for that model, inside the general one.
     limits: list[tuple[str, Limits]]
+    prepaid: bool = False
 
 
 def policy(tenant: Tenant, key: ApiKey, tier: Tier, model: str) -> Policy:
@@ -137,6 +140,7 @@ def policy(tenant: Tenant, key: ApiKey, tier: Tier, model: str) -> Policy:
         model_allowed=_allows(tenant.models if tenant.models is not None else tier.models, model)
         and _allows(key.models, model),
         limits=[(scope, limits) for scope, limits in candidates if limits != NO_LIMITS],
+        prepaid=tenant.prepaid,
     )
 
 

@@ -23,7 +23,7 @@ _key = msgspec.msgpack.Decoder(ApiKey)
 _encode = msgspec.msgpack.encode
 
 # Fields a PATCH may change; ids, hashes and creation times never change.
-TENANT_FIELDS = {"tier", "name", "default_lane", "allowed_lanes", "limits", "model_limits", "models", "disabled"}
+TENANT_FIELDS = {"tier", "name", "default_lane", "allowed_lanes", "limits", "model_limits", "models", "disabled", "prepaid"}
 KEY_FIELDS = {"name", "expires", "models", "endpoints", "limits", "model_limits"}
 
 

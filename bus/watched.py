@@ -15,9 +15,11 @@ T = TypeVar("T")
 class WatchedBucket(Generic[T]):
     """Mirror of a KV bucket kept current by a watcher; values decoded once on arrival."""
 
-    def __init__(self, kv: KeyValue, decode: Callable[[bytes], T]):
+    def __init__(self, kv: KeyValue, decode: Callable[[bytes], T],
+                 on_change: Callable[[str, T | None], None] | None = None):
         self._kv = kv
         self._decode = decode
+        self._on_change = on_change  # keeps a caller's index in step: (key, new value or None)
         self._items: dict[str, T] = {}
         self._task: asyncio.Task | None = None
         self._watcher = None
@@ -36,11 +38,14 @@ class WatchedBucket(Generic[T]):
                 continue
             if entry.operation in (KV_DEL, KV_PURGE):
                 self._items.pop(entry.key, None)
-                continue
-            try:
-                self._items[entry.key] = self._decode(entry.value)
-            except Exception:
-                log.warning("ignoring undecodable value for %s in a watched bucket", entry.key)
+            else:
+                try:
+                    self._items[entry.key] = self._decode(entry.value)
+                except Exception:
+                    log.warning("ignoring undecodable value for %s in a watched bucket", entry.key)
+                    continue
+            if self._on_change is not None:
+                self._on_change(entry.key, self._items.get(entry.key))
 
     async def stop(self) -> None:
         if self._watcher is not None:
@@ -50,3 +55,6 @@ class WatchedBucket(Generic[T]):
 
     def get(self, key: str) -> T | None:
         return self._items.get(key)
+
+    def values(self) -> list[T]:
+        return list(self._items.values())

@@ -238,6 +238,7 @@ class Worker:
             cache_hit=False,
             worker_id=self.worker_id,
             error_code=error_code,
+            hold_micros=envelope.hold_micros,
         )
 
     async def _keepalive(self, replies: _Replies, msg: Msg) -> None:

@@ -23,7 +23,8 @@ class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
     model_limits: dict[str, Limits] = {}
 
 
-def _json(data, status: int = 200) -> web.Response:
+def json_response(data, status: int = 200) -> web.Response:
+    """A JSON response from any msgspec-encodable value."""
     return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json")
 
 
@@ -49,20 +50,20 @@ async def _patch(request: web.Request) -> dict:
 async def create_tenant(request: web.Request) -> web.Response:
     store = _store(request)
     tenant = await store.create_tenant(decode_body(await request.read(), Tenant))
-    return _json(tenant, 201)
+    return json_response(tenant, 201)
 
 
 async def list_tenants(request: web.Request) -> web.Response:
-    return _json({"object": "list", "data": await _store(request).list_tenants()})
+    return json_response({"object": "list", "data": await _store(request).list_tenants()})
 
 
 async def get_tenant(request: web.Request) -> web.Response:
-    return _json(await _store(request).get_tenant(request.match_info["tenant"]))
+    return json_response(await _store(request).get_tenant(request.match_info["tenant"]))
 
 
 async def update_tenant(request: web.Request) -> web.Response:
     store = _store(request)
-    return _json(await store.update_tenant(request.match_info["tenant"], await _patch(request)))
+    return json_response(await store.update_tenant(request.match_info["tenant"], await _patch(request)))
 
 
 async def create_key(request: web.Request) -> web.Response:
@@ -75,25 +76,25 @@ async def create_key(request: web.Request) -> web.Response:
         request.match_info["tenant"], name=spec.name, expires=expires, models=spec.models,
         endpoints=spec.endpoints, limits=spec.limits, model_limits=spec.model_limits,
     )
-    return _json({"key": secret, **key_view(key)}, 201)
+    return json_response({"key": secret, **key_view(key)}, 201)
 
 
 async def list_keys(request: web.Request) -> web.Response:
     keys = await _store(request).list_keys(request.query.get("tenant"))
-    return _json({"object": "list", "data": [key_view(k) for k in keys]})
+    return json_response({"object": "list", "data": [key_view(k) for k in keys]})
 
 
 async def get_key(request: web.Request) -> web.Response:
-    return _json(key_view(await _store(request).get_key(request.match_info["key"])))
+    return json_response(key_view(await _store(request).get_key(request.match_info["key"])))
 
 
 async def update_key(request: web.Request) -> web.Response:
     store = _store(request)
-    return _json(key_view(await store.update_key(request.match_info["key"], await _patch(request))))
+    return json_response(key_view(await store.update_key(request.match_info["key"], await _patch(request))))
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    return _json(key_view(await _store(request).revoke_key(request.match_info["key"])))
+    return json_response(key_view(await _store(request).revoke_key(request.match_info["key"])))
 
 
 def add_routes(router: web.UrlDispatcher) -> None:

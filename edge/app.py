@@ -10,6 +10,7 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
+from bus.budgets import BudgetStore
 from bus.connect import connect
 from bus.issuers import issuer_registered
 from bus.openai_types import ModelCard, ModelList
@@ -24,6 +25,8 @@ from edge.auth import Authenticator
 from edge.chat import chat_completions
 from edge.errors import error_middleware
 from edge.ratelimit import InFlight, RateLimiter
+from edge.spending import SpendingGate
+from edge.spending_api import add_routes as add_spending_routes
 from edge.usage import admin_usage, tenant_usage
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/usage", tenant_usage)
     app.router.add_get("/admin/usage", admin_usage)
     add_routes(app.router)
+    add_spending_routes(app.router)
 
     async def lifecycle(app: web.Application):
         nc = await connect(settings.nats, "tollgate-edge")
@@ -81,7 +85,11 @@ def create_app(settings: Settings) -> web.Application:
         app["auth"] = Authenticator(tenants, keys, settings.tiers, settings.edge.admin_token)
         app["tenancy"] = await TenancyStore.open(js, set(settings.tiers))
         app["limiter"] = limiter
+        app["spending"] = spending = SpendingGate(js)
+        await spending.start()
+        app["budgets"] = await BudgetStore.open(js)
         yield
+        await spending.stop()
         for chore in chores:
             chore.cancel()
         await publisher.stop()

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 from aiohttp import web
 
 from bus.chat import ChatResults, to_body
+from bus.credits import max_cost
 from bus.errors import ModelNotFound, TollgateError
+from bus.ids import new_request_id
 from bus.openai_types import ChatCompletionRequest
-from bus.protocol import ChatBody
+from bus.protocol import ChatBody, HoldNotice
 from bus.publisher import Call, Publisher
 from bus.service_tier import lane_for, tier_of
 from bus.validation import decode_json as decode_body
 from edge.errors import error_event
 from edge.ratelimit import DEFAULT_COMPLETION_ESTIMATE, RateLimiter
+from edge.spending import SpendingGate
 
 _encode = msgspec.json.Encoder().encode
 REQUEST_ID_HEADER = "x-request-id"
@@ -38,11 +43,24 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = to_body(req, spec)
     lane = lane_for(req.service_tier, policy)
     publisher.check_serving(req.model)  # before admission: a 503 costs the caller no quota
+    spending: SpendingGate = request.app["spending"]
+    tenant = principal.tenant.id
+    spending.check_budgets(tenant, principal.key.id)
+    hold = 0
+    if policy.prepaid:
+        if body.max_tokens is None:  # a hold needs a bound; the model's default cap gives one
+            body = msgspec.structs.replace(body, max_tokens=spec.default_max_tokens)
+        hold = max_cost(spec, body, body.max_tokens, request.app["settings"].lane_multipliers.get(lane, 1.0))
     admission = await limiter.admit(policy, estimate_tokens(body))
     call: Call | None = None
+    request_id, held = new_request_id(), False
     try:
+        if hold:
+            await spending.hold(tenant, request_id, hold)
+            held = True
         async with publisher.submit(
-            tenant=principal.tenant.id, principal=principal.key.id, model=req.model, lane=lane, kind="chat", body=body
+            tenant=tenant, principal=principal.key.id, model=req.model, lane=lane, kind="chat", body=body,
+            request_id=request_id, hold_micros=hold,
         ) as call:
             headers = {**admission.headers, REQUEST_ID_HEADER: call.envelope.id}
             reply = _Reply(call, req, tier_of(lane, policy.default_lane), headers)
@@ -55,6 +73,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         used = call.final.usage if call and call.final else None
         # Without a final frame the tokens used are unknown: the estimate is given back.
         limiter.finish_soon(admission, used.prompt_tokens + used.completion_tokens if used else 0)
+        if held:
+            spending.ended(HoldNotice(request_id, tenant, hold, time.time() + publisher.deadline_s))
 
 
 class _Reply:

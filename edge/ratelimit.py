@@ -27,6 +27,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from bus.counters import add
 from bus.errors import NoCapacity, RateLimited
 from bus.subjects import rate_counter
 from bus.tenancy import Policy
@@ -79,12 +80,6 @@ class MinuteBudget:
 
     def remaining(self) -> int:
         return max(0, self.limit - self._seen) + self._left
-
-
-async def add(js: JetStreamContext, subject: str, n: int) -> int:
-    """Add ``n`` to a shared counter; return its new total."""
-    ack = await js.publish(subject, b"", headers={"Nats-Incr": f"{n:+d}"})
-    return int(ack.val)
 
 
 class InFlight:

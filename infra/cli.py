@@ -36,10 +36,10 @@ def _cmd_worker(settings: Settings, args) -> int:
     return 0
 
 
-def _cmd_meter(settings: Settings, args) -> int:
-    from billing.serve import serve_meter
+def _cmd_billing(settings: Settings, args) -> int:
+    from billing.serve import serve_billing
 
-    asyncio.run(serve_meter(settings))
+    asyncio.run(serve_billing(settings))
     return 0
 
 
@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a model worker")
     worker.add_argument("--model", required=True)
     worker.set_defaults(run=_cmd_worker)
-    sub.add_parser("meter", help="run the metering consumer").set_defaults(run=_cmd_meter)
+    sub.add_parser("billing", help="run billing: metering, credits, budgets, alerts, usage queries").set_defaults(
+        run=_cmd_billing)
     models = sub.add_parser("models", help="model weights").add_subparsers(dest="models_command", required=True)
     pull = models.add_parser("pull", help="fetch and cache model weights")
     pull.add_argument("names", nargs="*", help="models to pull (default: all configured)")

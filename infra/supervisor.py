@@ -101,7 +101,7 @@ def _wait_healthy(url: str, models: list[str], children: list[subprocess.Popen],
 
 
 def up(settings: Settings) -> int:
-    """Start nats-server, provision, pull models, start edge, workers and meter; serve until Ctrl-C."""
+    """Start nats-server, provision, pull models, start edge, workers and billing; serve until Ctrl-C."""
     state = Path(settings.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     for name, spec in settings.models.items():
@@ -130,7 +130,7 @@ def up(settings: Settings) -> int:
     try:
         key, admin = asyncio.run(_bootstrap(roles.as_role(settings, "admin", passwords["admin"])))
         env["TOLLGATE_EDGE_ADMIN_TOKEN"] = admin
-        spawn("billing", "meter")
+        spawn("billing", "billing")
         spawn("edge", "edge")
         for name in settings.models:
             spawn("worker", "worker", "--model", name)

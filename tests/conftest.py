@@ -1,6 +1,6 @@
-"""One real stack per test session: nats-server, edge and worker processes, and the meter.
+"""One real stack per test session: nats-server, edge and worker processes, and billing.
 
-The meter runs in the test process so tests can read the same embedded
+Billing runs in the test process so tests can read the same embedded
 ClickHouse (chDB allows one process per path) and stop or restart it.
 """
 
@@ -21,10 +21,13 @@ import pytest
 from openai import AsyncOpenAI
 
 from billing.clickhouse import ClickHouse
-from billing.meter import Meter
 from billing.schema import apply_schema
-from billing.usage_service import UsageService
+from billing.serve import Billing
+from bus.envelopes import MSG_ID_HEADER
+from bus.ids import new_request_id
+from bus.protocol import UsageEvent, encode
 from bus.provision import provision
+from bus.subjects import usage_subject
 from bus.issuers import register_issuer
 from bus.protocol import IssuerGrant
 from bus.settings import NatsSettings, load_settings
@@ -73,6 +76,9 @@ ack_wait_s = 3
 
 [meter]
 ack_wait_s = 2
+hold_grace_s = 1
+expiry_interval_s = 0.5
+webhook_backoff_s = 0.2
 
 [models."{CHAT_MODEL}"]
 {smol}input_price = {CHAT_INPUT_PRICE}
@@ -148,30 +154,21 @@ class Stack:
             await nc.close()
 
 
-class MeterRunner:
-    """The metering consumer and usage query service, in this process, stoppable and restartable by tests."""
+class BillingRunner:
+    """The billing process's consumers, in this process, stoppable and restartable by tests."""
 
     def __init__(self, stack: Stack, ch: ClickHouse):
         self.stack, self.ch = stack, ch
         self.nc = None
-        self.meter: Meter | None = None
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self.billing: Billing | None = None
 
     async def start(self) -> None:
         self.nc = await self.stack.connect("billing")
-        self.meter = Meter(self.stack.settings, self.nc, self.ch)
-        await self.meter.start()
-        self.usage = UsageService(self.nc, self.ch)
-        await self.usage.start()
-        self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self.meter.run(self._stop))
+        self.billing = Billing(self.stack.settings, self.nc, self.ch)
+        await self.billing.start()
 
     async def stop(self) -> None:
-        self._stop.set()
-        await self._task
-        await self.usage.stop()
-        await self.meter.close()
+        await self.billing.stop()
         await self.nc.close()
 
 
@@ -226,7 +223,7 @@ async def clickhouse(stack):
 
 @pytest.fixture(scope="session")
 async def meter(stack, clickhouse):
-    runner = MeterRunner(stack, clickhouse)
+    runner = BillingRunner(stack, clickhouse)
     await runner.start()
     yield runner
     await runner.stop()
@@ -267,6 +264,24 @@ async def eventually(check, timeout: float = 10.0):
             raise AssertionError(f"{check.__name__} did not come true in {timeout}s")
         await asyncio.sleep(0.1)
     return result
+
+
+def usage_event(**fields) -> UsageEvent:
+    """A usage event as a worker would publish it, with ``fields`` changed."""
+    now = time.time()
+    base = dict(
+        request_id=new_request_id(), tenant="crash-test", principal="svc", model="m", kind="chat", lane="normal",
+        queued_at=now, started_at=now, first_token_at=now, finished_at=now, input_units=10, output_units=1,
+        unit="tokens", cost_micros=0, status="ok", cache_hit=False, worker_id="w",
+    )
+    return UsageEvent(**{**base, **fields})
+
+
+async def publish_usage(js, events: list[UsageEvent]) -> None:
+    """Publish usage events all at once, each under its request id, as workers do."""
+    await asyncio.gather(*(
+        js.publish(usage_subject(e.tenant), encode(e), headers={MSG_ID_HEADER: e.request_id}) for e in events
+    ))
 
 
 def request_id(completion_id: str) -> str:

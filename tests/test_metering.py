@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import time
-
 from billing.meter import Meter
 from bus.envelopes import MSG_ID_HEADER
-from bus.ids import new_request_id
 from bus.protocol import UsageEvent, encode
 from bus.subjects import METER_CONSUMER, USAGE_STREAM, usage_subject
-from tests.conftest import eventually, usage_rows
+from tests.conftest import eventually, publish_usage, usage_event, usage_rows
 
 
 def _event(i: int) -> UsageEvent:
-    now = time.time()
-    return UsageEvent(
-        request_id=new_request_id(), tenant="crash-test", principal="svc", model="m", kind="chat", lane="normal",
-        queued_at=now, started_at=now, first_token_at=now, finished_at=now, input_units=10 + i, output_units=i,
-        unit="tokens", cost_micros=0, status="ok", cache_hit=False, worker_id="w",
-    )
+    return usage_event(input_units=10 + i, output_units=i)
 
 
 async def test_crash_between_insert_and_ack_leaves_no_duplicate(stack, nc, meter, clickhouse):
     js = nc.jetstream()
     await meter.stop()  # the test drives a meter by hand, then restarts the real one
     events = [_event(i) for i in range(20)]
-    for e in events:
-        await js.publish(usage_subject(e.tenant), encode(e), headers={MSG_ID_HEADER: e.request_id})
+    await publish_usage(js, events)
 
     crashing_nc = await stack.connect("billing")
     crashing = Meter(stack.settings, crashing_nc, clickhouse)

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from bus.signing import write_private
 from bus.subjects import (
+    BUDGET_STATE_BUCKET,
+    BUDGETS_BUCKET,
     CANCELLED_BUCKET,
+    CREDITS_STREAM,
+    EVENTS_STREAM,
+    HOLDS_STREAM,
     INFLIGHT_BUCKET,
     ISSUERS_BUCKET,
     KEYS_BUCKET,
@@ -61,6 +66,10 @@ def _consume(stream: str) -> list[str]:
     ]
 
 
+def _read_counters(stream: str) -> list[str]:
+    return [f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>"]
+
+
 def permissions(role: str) -> dict:
     """The publish/subscribe allow lists of one role (``svc:<name>`` for an internal service)."""
     common_pub = ["$JS.API.INFO"]
@@ -68,7 +77,10 @@ def permissions(role: str) -> dict:
         return {"publish": [">"], "subscribe": [">"]}
     if role == "edge":
         pub = ["tg.req.>", "tg.cancel.>", "tg.rl.>", USAGE_QUERY_SUBJECT, *_kv_write(CANCELLED_BUCKET), *_kv_write(INFLIGHT_BUCKET),
-               *_kv_write(TENANTS_BUCKET), *_kv_write(KEYS_BUCKET), *_kv_read(WORKERS_BUCKET), *_kv_read(ISSUERS_BUCKET)]
+               *_kv_write(TENANTS_BUCKET), *_kv_write(KEYS_BUCKET), *_kv_read(WORKERS_BUCKET), *_kv_read(ISSUERS_BUCKET),
+               # credit holds, ledger entries from the admin API, ended holds; budgets and their state
+               "tg.credit.>", "tg.event.credit.>", "tg.hold.>", *_read_counters(CREDITS_STREAM),
+               *_kv_write(BUDGETS_BUCKET), *_kv_read(BUDGET_STATE_BUCKET)]
         # Edges own the HTTP connections of every tenant, so they may read any edge's replies.
         sub = ["tg.reply.>"]
     elif role == "worker":
@@ -76,7 +88,9 @@ def permissions(role: str) -> dict:
                *_kv_read(ISSUERS_BUCKET), *_kv_read(CANCELLED_BUCKET)]
         sub = ["tg.req.>", "tg.cancel.>"]  # the doorbell and cancels; never publish work
     elif role == "billing":
-        pub = [*_consume(USAGE_STREAM)]
+        pub = [*_consume(USAGE_STREAM), *_consume(EVENTS_STREAM), *_consume(HOLDS_STREAM),
+               "tg.credit.>", "tg.event.>", *_read_counters(CREDITS_STREAM),
+               *_kv_read(BUDGETS_BUCKET), *_kv_write(BUDGET_STATE_BUCKET)]
         sub = [USAGE_QUERY_SUBJECT]  # it answers usage queries (allow_responses, below)
     elif role.startswith("svc:"):
         name = role.removeprefix("svc:")

@@ -1,0 +1,90 @@
+"""Grants that lapse: what is left of them when they expire leaves the balance.
+
+Spending draws on grants in order of expiry, soonest first (grants that never
+expire last), so what a lapsing grant still holds is found by replaying the
+tenant's ledger. The lapse is itself a ledger entry (``expire-<grant>-<n>``,
+the same id however often it is worked out), applied by the ledger writer.
+It never takes more than is available right now: credits held for requests
+in flight stay theirs, and what is left of the grant lapses on a later pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from nats.js import JetStreamContext
+
+from billing.clickhouse import ClickHouse, utc
+from billing.meter import meter_caught_up
+from bus import credits
+from bus.protocol import CreditEntry
+
+log = logging.getLogger(__name__)
+
+
+class _Grant:
+    __slots__ = ("id", "left", "expires", "order")
+
+    def __init__(self, entry_id: str, amount: int, expires: float | None, order: int):
+        self.id, self.left, self.expires, self.order = entry_id, amount, expires, order
+
+
+def unspent(rows: list[tuple]) -> dict[str, tuple[int, int]]:
+    """Replay ledger rows (id, kind, amount, at, expires_at, grant_id) in time order.
+
+    Returns, for each grant, what is left of it and how many expiries it has had.
+    """
+    grants: dict[str, _Grant] = {}
+    expiries: dict[str, int] = {}
+    for order, (entry_id, kind, amount, _at, expires_at, grant_id) in enumerate(rows):
+        if amount > 0:  # grants, top-ups and refunds are all money in
+            expires = expires_at.timestamp() if expires_at is not None else None
+            grants[entry_id] = _Grant(entry_id, amount, expires, order)
+        elif kind == "expire" and grant_id in grants:
+            grants[grant_id].left += amount
+            expiries[grant_id] = expiries.get(grant_id, 0) + 1
+        else:
+            owed = -amount
+            for grant in sorted(grants.values(), key=lambda g: (g.expires if g.expires is not None else math.inf, g.order)):
+                take = min(owed, grant.left)
+                grant.left, owed = grant.left - take, owed - take
+                if not owed:
+                    break
+    return {g.id: (max(g.left, 0), expiries.get(g.id, 0)) for g in grants.values()}
+
+
+async def expire_lapsed(js: JetStreamContext, ch: ClickHouse, now: float | None = None) -> int:
+    """Publish an expiry for every lapsed grant with credits left; return how many.
+
+    Waits while the meter is behind: a debit not yet in the ledger would make
+    a grant look less spent than it is.
+    """
+    now = time.time() if now is None else now
+    if not await meter_caught_up(js):
+        return 0
+    tenants = [t for (t,) in await ch.query(
+        "SELECT DISTINCT tenant FROM credit_ledger FINAL WHERE kind = 'grant' AND expires_at <= {now:DateTime64(6)}",
+        {"now": utc(now)},
+    )]
+    published = 0
+    for tenant in tenants:
+        rows = await ch.query(
+            "SELECT id, kind, amount_micros, at, expires_at, grant_id FROM credit_ledger FINAL "
+            "WHERE tenant = {tenant:String} ORDER BY at, id",
+            {"tenant": tenant},
+        )
+        expiring = {r[0]: r[4].timestamp() for r in rows if r[1] == "grant" and r[4] is not None}
+        available = await credits.available(js, tenant)
+        for grant_id, (left, done) in unspent(rows).items():
+            if grant_id not in expiring or expiring[grant_id] > now or left <= 0 or available <= 0:
+                continue
+            amount = min(left, available)
+            available -= amount
+            await credits.record(js, CreditEntry(
+                id=f"expire-{grant_id}-{done}", tenant=tenant, kind="expire", amount_micros=-amount, at=now,
+                grant_id=grant_id, note="unspent credits of a grant that expired",
+            ))
+            published += 1
+    return published

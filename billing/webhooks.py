@@ -1,0 +1,95 @@
+"""Budget alert webhooks: signed POSTs, retried with backoff, each carrying an idempotency key.
+
+The body is the alert as JSON. ``Tollgate-Signature: t=<unix>,v1=<hex>``
+is HMAC-SHA256 over ``"<t>." + body`` with the budget's webhook secret, and
+``Idempotency-Key`` is the alert id, the same on every retry, so a receiver
+can drop repeats. A delivery that fails is redelivered by JetStream after a
+doubling delay until ``webhook_attempts`` run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+
+import aiohttp
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from billing.batches import Batches
+from bus.budgets import Budget, decode_budget
+from bus.protocol import BudgetAlert, decode_alert
+from bus.settings import Settings
+from bus.subjects import BUDGETS_BUCKET, EVENTS_STREAM, WEBHOOKS_CONSUMER
+from bus.watched import WatchedBucket
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "Tollgate-Signature"
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """The signature header's value for ``body`` sent at ``timestamp``."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+class WebhookSender(Batches):
+    def __init__(self, settings: Settings, nc: Client):
+        super().__init__(nc, EVENTS_STREAM, WEBHOOKS_CONSUMER, 64)
+        self.meter = settings.meter
+        self._http: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        self._budgets = WatchedBucket(await self._js.key_value(BUDGETS_BUCKET), decode_budget)
+        await self._budgets.start()
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.meter.webhook_timeout_s))
+
+    async def close(self) -> None:
+        await super().close()
+        await self._budgets.stop()
+        if self._http is not None:
+            await self._http.close()
+
+    async def handle(self, msgs: list[Msg]) -> None:
+        await asyncio.gather(*(self._deliver(msg) for msg in msgs))
+
+    async def _deliver(self, msg: Msg) -> None:
+        try:
+            alert = decode_alert(msg.data)
+        except Exception:
+            log.error("terminated a malformed budget alert on %s", msg.subject)
+            await msg.term()
+            return
+        budget = self._budgets.get(alert.budget_id)
+        if budget is None or not budget.webhook_url:
+            await msg.ack()
+            return
+        if await self._post(budget, alert):
+            await msg.ack()
+            return
+        attempt = msg.metadata.num_delivered
+        if attempt >= self.meter.webhook_attempts:
+            log.error("gave up delivering alert %s to %s after %d attempts", alert.id, budget.webhook_url, attempt)
+            await msg.term()
+        else:
+            await msg.nak(delay=self.meter.webhook_backoff_s * 2 ** (attempt - 1))
+
+    async def _post(self, budget: Budget, alert: BudgetAlert) -> bool:
+        body = msgspec.json.encode(alert)
+        headers = {"Content-Type": "application/json", "Idempotency-Key": alert.id}
+        if budget.webhook_secret:
+            headers[SIGNATURE_HEADER] = sign(budget.webhook_secret, int(time.time()), body)
+        try:
+            async with self._http.post(budget.webhook_url, data=body, headers=headers) as resp:
+                if resp.status < 300:
+                    return True
+                log.warning("webhook %s answered %d for alert %s", budget.webhook_url, resp.status, alert.id)
+        except Exception as exc:
+            log.warning("webhook %s failed for alert %s: %s", budget.webhook_url, alert.id, exc)
+        return False

@@ -1,0 +1,74 @@
+"""Prepaid credits on the bus: the available balance, holds, settlements and ledger entries.
+
+A prepaid tenant's *available* credits live in one JetStream counter
+(``tg.credit.<tenant>``): ledger entries add to it, admission takes a hold out
+of it, and the request's usage gives back what the hold did not cost. Every
+add carries a message id, so a retried add (an admin retrying a grant, a
+meter redelivered a batch) lands once. Holds and settlements share the id
+``settle-<request>``: whoever settles first (the meter with the real cost,
+or billing's sweeper when no usage ever came) is the only one that counts.
+
+Ledger entries (grants, top-ups, refunds, expiries) are published here and
+applied to the counter by billing alone; ``credit_ledger`` in ClickHouse holds
+them plus one debit per prepaid usage event, so its sum is the balance.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from nats.js import JetStreamContext
+
+from bus.counters import add, read
+from bus.envelopes import MSG_ID_HEADER
+from bus.protocol import ChatBody, CreditEntry, HoldNotice, encode
+from bus.settings import ModelSpec
+from bus.subjects import CREDITS_STREAM, credit_counter, credit_event_subject, hold_subject
+
+# Tokens a chat template may add around the messages (role markers, a default system prompt).
+_TEMPLATE_TOKENS, _MESSAGE_TOKENS = 64, 8
+
+
+def max_prompt_tokens(body: ChatBody) -> int:
+    """An upper bound on the prompt's tokens: byte-level tokenizers spend at least a byte a token."""
+    return sum(len(m.content.encode()) + _MESSAGE_TOKENS for m in body.messages) + _TEMPLATE_TOKENS
+
+
+def max_cost(spec: ModelSpec, body: ChatBody, completion_cap: int, lane_multiplier: float) -> int:
+    """The most ``body`` can cost: its whole prompt and ``completion_cap`` completion tokens."""
+    return spec.cost(max_prompt_tokens(body), completion_cap, lane_multiplier)
+
+
+def new_entry_id() -> str:
+    return "cr-" + uuid.uuid4().hex
+
+
+async def available(js: JetStreamContext, tenant: str) -> int:
+    """Credits the tenant can still hold: its balance less what is held for requests in flight."""
+    return await read(js, CREDITS_STREAM, credit_counter(tenant))
+
+
+async def hold(js: JetStreamContext, tenant: str, request_id: str, amount: int) -> bool:
+    """Hold ``amount`` for one request; False (and nothing held) when the credits do not cover it."""
+    if amount <= 0:
+        return True
+    total = await add(js, credit_counter(tenant), -amount, f"hold-{request_id}")
+    if total is None or total >= 0:
+        return True
+    await add(js, credit_counter(tenant), amount, f"settle-{request_id}")
+    return False
+
+
+async def settle(js: JetStreamContext, tenant: str, request_id: str, hold_micros: int, cost_micros: int) -> None:
+    """Give back what a hold did not cost (all of it when the request never ran), once."""
+    await add(js, credit_counter(tenant), hold_micros - cost_micros, f"settle-{request_id}")
+
+
+async def record(js: JetStreamContext, entry: CreditEntry) -> None:
+    """Publish a ledger entry; billing applies it to the balance (``billing.ledger``). Safe to retry."""
+    await js.publish(credit_event_subject(entry.tenant), encode(entry), headers={MSG_ID_HEADER: entry.id})
+
+
+async def notify_ended(js: JetStreamContext, notice: HoldNotice) -> None:
+    """Tell billing a held request is over, so its hold is released if no usage ever arrives."""
+    await js.publish(hold_subject(notice.tenant), encode(notice), headers={MSG_ID_HEADER: notice.request_id})

@@ -1,0 +1,110 @@
+"""Credits and budgets over HTTP: the admin routes that change them, and a tenant's view of its own."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import msgspec
+from aiohttp import web
+
+from bus import credits
+from bus.budgets import Budget, BudgetStore
+from bus.errors import InvalidRequest
+from bus.protocol import CreditEntry
+from bus.validation import decode_json as decode_body
+from edge.admin import json_response
+from edge.spending import SpendingGate
+
+
+class CreditChange(msgspec.Struct, forbid_unknown_fields=True):
+    """A grant, top-up or refund as the admin API takes it."""
+
+    amount_micros: int
+    kind: Literal["grant", "topup", "refund"] = "grant"
+    expires_at: float | None = None  # unix seconds; grants only
+    expires_in: float | None = None  # seconds from now; grants only
+    request_id: str | None = None  # refunds: the request refunded
+    note: str = ""
+    # Send the same id again to retry a change safely: it is applied once.
+    id: str | None = None
+
+
+async def _credits_view(request: web.Request, tenant: str) -> web.Response:
+    js = request.app["publisher"].js
+    return json_response({"object": "credits", "tenant": tenant, "available_micros": await credits.available(js, tenant)})
+
+
+async def tenant_credits(request: web.Request) -> web.Response:
+    """GET /v1/credits: the caller's own available credits (balance less holds for requests in flight)."""
+    principal = request.app["auth"].authenticate(request, "credits")
+    return await _credits_view(request, principal.tenant.id)
+
+
+async def get_credits(request: web.Request) -> web.Response:
+    request.app["auth"].require_admin(request)
+    return await _credits_view(request, request.match_info["tenant"])
+
+
+async def add_credits(request: web.Request) -> web.Response:
+    """POST /admin/tenants/{tenant}/credits: record a grant, top-up or refund in the ledger."""
+    request.app["auth"].require_admin(request)
+    tenant = (await request.app["tenancy"].get_tenant(request.match_info["tenant"])).id
+    change = decode_body(await request.read(), CreditChange)
+    if change.amount_micros <= 0:
+        raise InvalidRequest("amount_micros must be positive", param="amount_micros")
+    if change.expires_at is not None and change.expires_in is not None:
+        raise InvalidRequest("set expires_at or expires_in, not both", param="expires_in")
+    now = time.time()
+    expires = change.expires_at if change.expires_in is None else now + change.expires_in
+    if expires is not None and change.kind != "grant":
+        raise InvalidRequest("only grants expire", param="expires_at")
+    entry = CreditEntry(
+        id=change.id or credits.new_entry_id(), tenant=tenant, kind=change.kind, amount_micros=change.amount_micros,
+        at=now, expires_at=expires, request_id=change.request_id, note=change.note,
+    )
+    await credits.record(request.app["publisher"].js, entry)
+    # Accepted: billing applies the entry to the balance, normally within milliseconds.
+    return json_response(entry, 202)
+
+
+def budget_view(budget: Budget, state=None) -> dict:
+    """A budget as the admin API shows it: its webhook secret is never sent back."""
+    view = {"id": budget.id, **msgspec.to_builtins(budget), "state": state}
+    view["webhook_secret"] = "set" if budget.webhook_secret else None
+    return view
+
+
+def _budgets(request: web.Request) -> BudgetStore:
+    request.app["auth"].require_admin(request)
+    return request.app["budgets"]
+
+
+async def put_budget(request: web.Request) -> web.Response:
+    """POST /admin/budgets: create a budget, or replace the one with the same tenant and name."""
+    store = _budgets(request)
+    budget = decode_body(await request.read(), Budget)
+    await request.app["tenancy"].get_tenant(budget.tenant)
+    return json_response(budget_view(await store.put(budget)), 201)
+
+
+async def list_budgets(request: web.Request) -> web.Response:
+    """GET /admin/budgets[?tenant=]: budgets with what each has spent in its current period."""
+    budgets = await _budgets(request).list(request.query.get("tenant"))
+    gate: SpendingGate = request.app["spending"]
+    data = [budget_view(b, gate.state(b.id)) for b in budgets]
+    return json_response({"object": "list", "data": data})
+
+
+async def delete_budget(request: web.Request) -> web.Response:
+    await _budgets(request).delete(request.match_info["budget"])
+    return json_response({"id": request.match_info["budget"], "deleted": True})
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_get("/v1/credits", tenant_credits)
+    router.add_get("/admin/tenants/{tenant}/credits", get_credits)
+    router.add_post("/admin/tenants/{tenant}/credits", add_credits)
+    router.add_post("/admin/budgets", put_budget)
+    router.add_get("/admin/budgets", list_budgets)
+    router.add_delete("/admin/budgets/{budget}", delete_budget)

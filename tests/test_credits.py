@@ -1,0 +1,213 @@
+"""Prepaid credits: holds at admission, exact settlement, zero overspend under concurrency, expiry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from bus import credits
+from bus.protocol import ChatBody, ChatMessage
+from bus.tenancy import Tenant
+from tests.conftest import CHAT_MODEL, admin, eventually, free_port, usage_rows
+
+PROMPT = [{"role": "user", "content": "Say hi"}]
+MAX_TOKENS = 2
+
+
+async def _prepaid_tenant(stack, tenant_id: str) -> str:
+    """A prepaid tenant with no rate limits (enterprise tier), and a key for it."""
+    async def make(store):
+        await store.create_tenant(Tenant(id=tenant_id, tier="enterprise", prepaid=True))
+        return (await store.create_key(tenant_id, name="prepaid"))[1]
+
+    return await stack.tenancy(make)
+
+
+def _hold(stack) -> int:
+    """What one PROMPT request with MAX_TOKENS holds on the enterprise tier's default lane (high)."""
+    body = ChatBody(messages=[ChatMessage(**m) for m in PROMPT], max_tokens=MAX_TOKENS)
+    return credits.max_cost(stack.settings.model(CHAT_MODEL), body, MAX_TOKENS, stack.settings.lane_multipliers["high"])
+
+
+async def _grant(stack, nc, tenant: str, amount: int, **extra) -> dict:
+    before = await credits.available(nc.jetstream(), tenant)
+    status, entry = await admin(stack, "POST", f"/admin/tenants/{tenant}/credits", json={"amount_micros": amount, **extra})
+    assert status == 202, entry
+
+    async def applied():
+        return await credits.available(nc.jetstream(), tenant) == before + amount
+
+    await eventually(applied)
+    return entry
+
+
+async def _chat(http: aiohttp.ClientSession, stack, key: str, **extra) -> tuple[int, dict, str | None]:
+    body = {"model": CHAT_MODEL, "messages": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
+    async with http.post(stack.base_url + "/v1/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {key}"}) as resp:
+        return resp.status, await resp.json(), resp.headers.get("x-request-id")
+
+
+async def _ledger(clickhouse, tenant: str) -> list[tuple]:
+    return await clickhouse.query(
+        "SELECT kind, amount_micros, request_id, grant_id FROM credit_ledger FINAL WHERE tenant = {t:String} "
+        "ORDER BY at", {"t": tenant})
+
+
+async def test_no_overspend_when_300_requests_race_for_credits_that_cover_20(stack, nc, meter, clickhouse):
+    tenant = "prepaid-race"
+    key = await _prepaid_tenant(stack, tenant)
+    hold = _hold(stack)
+    granted = 20 * hold
+    await _grant(stack, nc, tenant, granted)
+
+    lowest = granted
+    sampling = True
+
+    async def sample():
+        nonlocal lowest
+        while sampling:
+            lowest = min(lowest, await credits.available(nc.jetstream(), tenant))
+            await asyncio.sleep(0.002)
+
+    sampler = asyncio.create_task(sample())
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        results = await asyncio.gather(*(_chat(http, stack, key) for _ in range(300)))
+    sampling = False
+    await sampler
+
+    ran = [rid for status, _, rid in results if status == 200]
+    refused = [body for status, body, _ in results if status != 200]
+    assert 1 <= len(ran) <= 20
+    assert len(ran) + len(refused) == 300
+    assert {(b["error"]["type"], b["error"]["code"]) for b in refused} == {("insufficient_quota", "insufficient_quota")}
+    # A refused hold is taken and given straight back: the counter dips by at most what was refused at once.
+    assert lowest >= -len(refused) * hold
+
+    rows = await usage_rows(clickhouse, ran, expect=len(ran))
+    spent = sum(r["cost_micros"] for r in rows)
+    assert len(rows) == len(ran) and 0 < spent <= granted
+
+    async def settled():
+        return await credits.available(nc.jetstream(), tenant) == granted - spent
+
+    await eventually(settled)
+    ledger = await eventually(lambda: _debits_in(clickhouse, tenant, len(ran)))
+    assert sum(amount for _, amount, _, _ in ledger) == granted - spent >= 0, "the ledger's balance is what is left"
+
+
+async def _debits_in(clickhouse, tenant: str, n: int):
+    rows = await _ledger(clickhouse, tenant)
+    return rows if sum(kind == "debit" for kind, *_ in rows) == n else None
+
+
+async def test_a_request_is_debited_its_real_cost_not_its_hold(stack, nc, meter, clickhouse):
+    tenant = "prepaid-exact"
+    key = await _prepaid_tenant(stack, tenant)
+    await _grant(stack, nc, tenant, 1_000_000, kind="topup")
+    async with aiohttp.ClientSession() as http:
+        status, body, rid = await _chat(http, stack, key)
+    assert status == 200, body
+    [row] = await usage_rows(clickhouse, [rid], expect=1)
+    cost = row["cost_micros"]
+    assert 0 < cost < _hold(stack)
+
+    async def settled():
+        return await credits.available(nc.jetstream(), tenant) == 1_000_000 - cost
+
+    await eventually(settled)
+    ledger = await eventually(lambda: _debits_in(clickhouse, tenant, 1))
+    assert [(k, a) for k, a, _, _ in ledger] == [("topup", 1_000_000), ("debit", -cost)]
+
+
+async def test_a_tenant_without_credits_gets_insufficient_quota_and_nothing_is_queued(stack, nc, meter, clickhouse):
+    key = await _prepaid_tenant(stack, "prepaid-empty")
+    async with aiohttp.ClientSession() as http:
+        status, body, _ = await _chat(http, stack, key)
+        own_status, own = await _own_credits(http, stack, key)
+    assert status == 429 and body["error"]["code"] == "insufficient_quota"
+    assert own_status == 200 and own["available_micros"] == 0
+
+
+async def _own_credits(http, stack, key):
+    async with http.get(stack.base_url + "/v1/credits", headers={"Authorization": f"Bearer {key}"}) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_a_request_that_never_runs_gets_its_hold_back(stack, nc, meter, clickhouse):
+    tenant = "prepaid-expired"
+    key = await _prepaid_tenant(stack, tenant)
+    await _grant(stack, nc, tenant, 100_000)
+    short = await _short_deadline_edge(stack)
+    async with aiohttp.ClientSession() as http:
+        # Keep the only worker busy past the prepaid request's 2 s deadline, so it expires queued.
+        busy = asyncio.create_task(_chat(http, stack, stack.api_key, max_tokens=400,
+                                         messages=[{"role": "user", "content": "Write a long story about a fox."}]))
+        await asyncio.sleep(0.5)
+        async with http.post(short + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                             json={"model": CHAT_MODEL, "messages": PROMPT, "max_tokens": MAX_TOKENS}) as resp:
+            assert resp.status == 504
+            rid = resp.headers["x-request-id"]
+        assert await credits.available(nc.jetstream(), tenant) == 100_000 - _hold(stack), "still held"
+
+        async def released():
+            return await credits.available(nc.jetstream(), tenant) == 100_000
+
+        await eventually(released, timeout=20)
+        busy.cancel()
+    assert await usage_rows(clickhouse, [rid], expect=1, timeout=0.5) == [], "it never ran"
+
+
+async def _short_deadline_edge(stack) -> str:
+    port = free_port()
+    stack.spawn("edge", "edge", env={"TOLLGATE_EDGE_PORT": str(port), "TOLLGATE_EDGE_REQUEST_TIMEOUT_S": "2"})
+    base_url = f"http://127.0.0.1:{port}"
+    await asyncio.to_thread(stack.wait_serving, CHAT_MODEL, base_url=base_url, timeout=60)
+    return base_url
+
+
+async def test_expiring_grants_are_spent_first_and_their_rest_lapses(stack, nc, meter, clickhouse):
+    tenant = "prepaid-expiry"
+    key = await _prepaid_tenant(stack, tenant)
+    await _grant(stack, nc, tenant, 500_000, kind="topup")
+    grant = await _grant(stack, nc, tenant, 300_000, expires_in=3)
+    async with aiohttp.ClientSession() as http:
+        status, body, rid = await _chat(http, stack, key)
+    assert status == 200, body
+    [row] = await usage_rows(clickhouse, [rid], expect=1)
+    cost = row["cost_micros"]
+
+    async def lapsed():
+        rows = await _ledger(clickhouse, tenant)
+        return [r for r in rows if r[0] == "expire"]
+
+    [(_, amount, _, grant_id)] = await eventually(lapsed, timeout=15)
+    # The request was paid from the grant that expires first; only the rest of it lapsed.
+    assert grant_id == grant["id"] and amount == -(300_000 - cost)
+    assert await credits.available(nc.jetstream(), tenant) == 500_000
+
+
+@pytest.mark.parametrize("change", [{"amount_micros": 0}, {"amount_micros": 5, "kind": "refund", "expires_in": 9},
+                                    {"amount_micros": 5, "kind": "gift"}])
+async def test_bad_credit_changes_are_refused_and_change_nothing(stack, nc, meter, change):
+    status, body = await admin(stack, "POST", "/admin/tenants/default/credits", json=change)
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert await credits.available(nc.jetstream(), "default") == 0
+
+
+async def test_a_retried_grant_is_applied_once(stack, nc, meter):
+    tenant = "prepaid-retry"
+    await _prepaid_tenant(stack, tenant)
+    for _ in range(3):
+        status, _ = await admin(stack, "POST", f"/admin/tenants/{tenant}/credits",
+                                json={"amount_micros": 7_000, "id": "invoice-42"})
+        assert status == 202
+
+    async def applied():
+        return await credits.available(nc.jetstream(), tenant) == 7_000
+
+    await eventually(applied)
+    await asyncio.sleep(1.0)  # long enough for a second application to show, were there one
+    assert await credits.available(nc.jetstream(), tenant) == 7_000
