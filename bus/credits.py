@@ -16,11 +16,14 @@ them plus one debit per prepaid usage event, so its sum is the balance.
 from __future__ import annotations
 
 import uuid
+from typing import Literal
 
+import msgspec
 from nats.js import JetStreamContext
 
 from bus.counters import add, read
 from bus.envelopes import MSG_ID_HEADER
+from bus.errors import InvalidRequest
 from bus.protocol import ChatBody, CreditEntry, HoldNotice, encode
 from bus.settings import ModelSpec
 from bus.subjects import CREDITS_STREAM, credit_counter, credit_event_subject, hold_subject
@@ -39,8 +42,31 @@ def max_cost(spec: ModelSpec, body: ChatBody, completion_cap: int, lane_multipli
     return spec.cost(max_prompt_tokens(body), completion_cap, lane_multiplier)
 
 
-def new_entry_id() -> str:
-    return "cr-" + uuid.uuid4().hex
+class CreditChange(msgspec.Struct, forbid_unknown_fields=True):
+    """A grant, top-up or refund as an operator asks for it (admin API or CLI)."""
+
+    amount_micros: int
+    kind: Literal["grant", "topup", "refund"] = "grant"
+    expires_at: float | None = None  # unix seconds; grants only
+    expires_in: float | None = None  # seconds from now; grants only
+    request_id: str | None = None  # refunds: the request refunded
+    note: str = ""
+    # Send the same id again to retry a change safely: it is applied once.
+    id: str | None = None
+
+    def entry(self, tenant: str, now: float) -> CreditEntry:
+        """The ledger entry this change makes, or ``InvalidRequest`` if it makes none."""
+        if self.amount_micros <= 0:
+            raise InvalidRequest("amount_micros must be positive", param="amount_micros")
+        if self.expires_at is not None and self.expires_in is not None:
+            raise InvalidRequest("set expires_at or expires_in, not both", param="expires_in")
+        expires = self.expires_at if self.expires_in is None else now + self.expires_in
+        if expires is not None and self.kind != "grant":
+            raise InvalidRequest("only grants expire", param="expires_at")
+        return CreditEntry(
+            id=self.id or "cr-" + uuid.uuid4().hex, tenant=tenant, kind=self.kind, amount_micros=self.amount_micros,
+            at=now, expires_at=expires, request_id=self.request_id, note=self.note,
+        )
 
 
 async def available(js: JetStreamContext, tenant: str) -> int:

@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
-
 import msgspec
 from aiohttp import web
 
 from bus import credits
+from bus.credits import CreditChange
 from bus.budgets import Budget, BudgetStore
-from bus.errors import InvalidRequest
-from bus.protocol import CreditEntry
 from bus.validation import decode_json as decode_body
 from edge.admin import json_response
 from edge.spending import SpendingGate
-
-
-class CreditChange(msgspec.Struct, forbid_unknown_fields=True):
-    """A grant, top-up or refund as the admin API takes it."""
-
-    amount_micros: int
-    kind: Literal["grant", "topup", "refund"] = "grant"
-    expires_at: float | None = None  # unix seconds; grants only
-    expires_in: float | None = None  # seconds from now; grants only
-    request_id: str | None = None  # refunds: the request refunded
-    note: str = ""
-    # Send the same id again to retry a change safely: it is applied once.
-    id: str | None = None
 
 
 async def _credits_view(request: web.Request, tenant: str) -> web.Response:
@@ -50,19 +34,7 @@ async def add_credits(request: web.Request) -> web.Response:
     """POST /admin/tenants/{tenant}/credits: record a grant, top-up or refund in the ledger."""
     request.app["auth"].require_admin(request)
     tenant = (await request.app["tenancy"].get_tenant(request.match_info["tenant"])).id
-    change = decode_body(await request.read(), CreditChange)
-    if change.amount_micros <= 0:
-        raise InvalidRequest("amount_micros must be positive", param="amount_micros")
-    if change.expires_at is not None and change.expires_in is not None:
-        raise InvalidRequest("set expires_at or expires_in, not both", param="expires_in")
-    now = time.time()
-    expires = change.expires_at if change.expires_in is None else now + change.expires_in
-    if expires is not None and change.kind != "grant":
-        raise InvalidRequest("only grants expire", param="expires_at")
-    entry = CreditEntry(
-        id=change.id or credits.new_entry_id(), tenant=tenant, kind=change.kind, amount_micros=change.amount_micros,
-        at=now, expires_at=expires, request_id=change.request_id, note=change.note,
-    )
+    entry = decode_body(await request.read(), CreditChange).entry(tenant, time.time())
     await credits.record(request.app["publisher"].js, entry)
     # Accepted: billing applies the entry to the balance, normally within milliseconds.
     return json_response(entry, 202)

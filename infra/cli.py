@@ -11,6 +11,7 @@ from pathlib import Path
 import uvloop
 
 from bus.settings import Settings, SettingsError, load_settings
+from infra.spending_cli import add_commands as add_spending_commands
 
 
 def _cmd_up(settings: Settings, args) -> int:
@@ -113,8 +114,9 @@ def _tenant_fields(args) -> dict:
     fields = {k: v for k, v in fields.items() if v is not None}
     if _limits(args):
         fields["limits"] = _limits(args)
-    if getattr(args, "disabled", None) is not None:
-        fields["disabled"] = args.disabled
+    for flag in ("disabled", "prepaid"):
+        if getattr(args, flag, None) is not None:
+            fields[flag] = getattr(args, flag)
     return fields
 
 
@@ -228,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name")
         p.add_argument("--default-lane")
         p.add_argument("--allowed-lanes", help="comma-separated lanes service_tier may use")
+        p.add_argument("--prepaid", action=argparse.BooleanOptionalAction, default=None,
+                       help="run only what the tenant's credits cover")
         if name == "update":
             p.add_argument("--disable", dest="disabled", action="store_const", const=True)
             p.add_argument("--enable", dest="disabled", action="store_const", const=False)
@@ -249,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke")
     revoke.add_argument("id")
     revoke.set_defaults(run=_cmd_keys_revoke)
+    add_spending_commands(sub, _on_bus)
     return parser
 
 
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(settings, args)
 
 
-_OPERATOR_COMMANDS = {"provision", "issuers", "tenants", "keys"}
+_OPERATOR_COMMANDS = {"provision", "issuers", "tenants", "keys", "credits", "budgets"}
 
 
 def _local_operator(settings: Settings) -> Settings:

@@ -117,6 +117,13 @@ class Stack:
         self.procs.append(proc)
         return proc
 
+    def cli(self, *args: str) -> dict | list:
+        """Run ``tollgate ARGS`` as the operator (admin credentials) and return its JSON output."""
+        env = {**self.env, **roles.credentials("admin", self.passwords["admin"])}
+        done = subprocess.run([sys.executable, "-m", "infra.cli", "--log-level", "WARNING", *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, check=True)
+        return json.loads(done.stdout)
+
     def health(self, base_url: str | None = None) -> dict:
         with urllib.request.urlopen((base_url or self.base_url) + "/healthz", timeout=2) as resp:
             return json.load(resp)

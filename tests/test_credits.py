@@ -211,3 +211,21 @@ async def test_a_retried_grant_is_applied_once(stack, nc, meter):
     await eventually(applied)
     await asyncio.sleep(1.0)  # long enough for a second application to show, were there one
     assert await credits.available(nc.jetstream(), tenant) == 7_000
+
+
+async def test_an_operator_grants_credits_and_sets_a_budget_from_the_cli(stack, nc, meter):
+    run = asyncio.to_thread
+    tenant = await run(stack.cli, "tenants", "create", "prepaid-cli", "--tier", "pro", "--prepaid")
+    assert tenant["prepaid"] is True
+    for _ in range(2):  # a retried command with the same id changes the balance once
+        entry = await run(stack.cli, "credits", "add", "prepaid-cli", "2500000", "--id", "inv-7", "--expires-in", "86400")
+    assert entry["kind"] == "grant" and entry["expires_at"] > entry["at"]
+
+    async def shown():
+        return (await run(stack.cli, "credits", "show", "prepaid-cli"))["available_micros"] == 2_500_000
+
+    await eventually(shown)
+    budget = await run(stack.cli, "budgets", "set", "prepaid-cli", "monthly", "1000000", "--mode", "hard",
+                       "--thresholds", "80,100")
+    assert budget["id"] == "prepaid-cli.monthly" and budget["thresholds"] == [80, 100]
+    assert [b["id"] for b in await run(stack.cli, "budgets", "list", "--tenant", "prepaid-cli")] == ["prepaid-cli.monthly"]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHAT_MODEL, request_id, usage_rows
+from bus.tenancy import Tenant
+from tests.conftest import CHAT_MODEL, admin, eventually, request_id, usage_rows
 
 GRAFANA = Path(__file__).resolve().parent.parent / "infra" / "grafana"
 QUERIES = sorted((GRAFANA / "queries").glob("*.sql"))
@@ -20,11 +21,22 @@ def as_run_by_grafana(sql: str) -> str:
 
 @pytest.fixture(scope="module")
 async def traffic(stack, meter, clickhouse):
-    """At least one metered request inside the dashboards' range."""
+    """Inside the dashboards' range: a metered request, a ledger entry and a budget alert."""
     reply = await stack.client().chat.completions.create(
         model=CHAT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
     )
     await usage_rows(clickhouse, [request_id(reply.id)], expect=1)
+    await stack.tenancy(lambda store: store.create_tenant(Tenant(id="dashboards")))
+    assert (await admin(stack, "POST", "/admin/tenants/dashboards/credits", json={"amount_micros": 1_000}))[0] == 202
+    assert (await admin(stack, "POST", "/admin/budgets",
+                        json={"tenant": "default", "name": "dashboards", "amount_micros": 1}))[0] == 201
+
+    async def recorded():
+        [(entries,)] = await clickhouse.query("SELECT count() FROM credit_ledger WHERE tenant = 'dashboards'")
+        [(alerts,)] = await clickhouse.query("SELECT count() FROM budget_alerts WHERE budget_id = 'default.dashboards'")
+        return entries and alerts
+
+    await eventually(recorded)
 
 
 def test_every_panel_is_a_named_query():
