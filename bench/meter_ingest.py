@@ -1,6 +1,6 @@
 """Metering ingest: usage events from the USAGE stream to ClickHouse rows, and the lag at a steady load.
 
-    .venv/bin/python bench/meter_ingest.py [--events 100000] [--rate 5000]
+    .venv/bin/python bench/meter_ingest.py [--events 100000] [--rate 5000] [--batch N]
 
 Phase 1 (throughput): publish --events usage events, then run the meter and time
 until every one is a row. Phase 2 (lag): publish at --rate events/s for 10 s while
@@ -47,7 +47,9 @@ async def publish(js, n: int, tenant: str, rate: float | None = None) -> None:
     pending = []
     for i in range(n):
         e = event(tenant)
-        pending.append(js.publish(f"tg.usage.{tenant}", encode(e), headers={MSG_ID_HEADER: e.request_id}))
+        # Sent now (a task), so an event's finished_at is its publish time, as a worker's is.
+        pending.append(asyncio.ensure_future(
+            js.publish(f"tg.usage.{tenant}", encode(e), headers={MSG_ID_HEADER: e.request_id})))
         if len(pending) == 500:
             await asyncio.gather(*pending)
             pending = []
@@ -62,9 +64,10 @@ async def rows(ch: ClickHouse, tenant: str) -> int:
     return (await ch.query("SELECT count() FROM usage_events WHERE tenant = {t:String}", {"t": tenant}))[0][0]
 
 
-async def main(events: int, rate: float) -> None:
+async def main(events: int, rate: float, batch: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tollgate-meter-bench-"))
     settings = msgspec.structs.replace(Settings(), state_dir=str(tmp))
+    settings.meter.batch_size = batch
     with NatsServer(tmp / "nats") as server:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
@@ -102,6 +105,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--rate", type=float, default=5_000)
+    parser.add_argument("--batch", type=int, default=Settings().meter.batch_size, help="meter.batch_size")
     args = parser.parse_args()
     uvloop.install()
-    asyncio.run(main(args.events, args.rate))
+    asyncio.run(main(args.events, args.rate, args.batch))

@@ -16,7 +16,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from billing.batches import Batches, ack_all
+from billing.batches import Batches, delivery_count
 from billing.clickhouse import ClickHouse, utc
 from bus import credits
 from bus.protocol import UsageEvent, decode_usage
@@ -66,6 +66,7 @@ class Meter(Batches):
         Malformed events are terminated and logged, never inserted.
         """
         events: dict[str, UsageEvent] = {}
+        redelivered: list[UsageEvent] = []
         keep: list[Msg] = []
         for msg in msgs:
             try:
@@ -76,14 +77,20 @@ class Meter(Batches):
                 continue
             events.setdefault(event.request_id, event)
             keep.append(msg)
+            if delivery_count(msg) > 1:
+                redelivered.append(event)
         if not events:
             return keep
-        stored = await self.ch.query(
-            "SELECT request_id FROM usage_events WHERE tenant IN {tenants:Array(String)} "
-            "AND request_id IN {ids:Array(String)}",
-            {"tenants": sorted({e.tenant for e in events.values()}), "ids": list(events)},
-        )
-        known = {request_id for (request_id,) in stored}
+        # Only a redelivered event can be stored already: the stream itself drops a republished
+        # one (same Nats-Msg-Id) inside its dedupe window, so first deliveries skip the lookup.
+        known = set()
+        if redelivered:
+            stored = await self.ch.query(
+                "SELECT request_id FROM usage_events WHERE tenant IN {tenants:Array(String)} "
+                "AND request_id IN {ids:Array(String)}",
+                {"tenants": sorted({e.tenant for e in redelivered}), "ids": [e.request_id for e in redelivered]},
+            )
+            known = {request_id for (request_id,) in stored}
         new = [e for request_id, e in events.items() if request_id not in known]
         if new:
             await self.ch.insert_columns("usage_events", columns(new), COLUMNS)
@@ -100,7 +107,8 @@ class Meter(Batches):
         return keep
 
     async def ack(self, msgs: list[Msg]) -> None:
-        await ack_all(msgs)
+        if msgs:
+            await msgs[-1].ack()  # ack-all: acks the whole batch, and everything delivered before it
 
     async def handle(self, msgs: list[Msg]) -> None:
         await self.ack(await self.store(msgs))

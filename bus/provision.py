@@ -7,6 +7,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    DeliverPolicy,
     KeyValueConfig,
     RetentionPolicy,
     StorageType,
@@ -153,17 +154,27 @@ async def ensure_work_consumers(js: JetStreamContext, settings: Settings, model:
 
 
 async def ensure_meter_consumer(js: JetStreamContext, settings: Settings) -> None:
-    await js.add_consumer(
-        USAGE_STREAM,
-        ConsumerConfig(
-            durable_name=METER_CONSUMER,
-            filter_subject="tg.usage.>",
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=settings.meter.ack_wait_s,
-            max_ack_pending=-1,
-        ),
+    """The meter's consumer: one ack per batch (ack-all), which acks every event delivered before it."""
+    config = ConsumerConfig(
+        durable_name=METER_CONSUMER,
+        filter_subject="tg.usage.>",
+        ack_policy=AckPolicy.ALL,
+        ack_wait=settings.meter.ack_wait_s,
+        max_ack_pending=-1,
     )
-
+    try:
+        current = await js.consumer_info(USAGE_STREAM, METER_CONSUMER)
+    except nats.js.errors.NotFoundError:
+        current = None
+    if current is not None and current.config.ack_policy != AckPolicy.ALL:
+        # An older meter acked event by event; a consumer's ack policy cannot change,
+        # so it is made anew, resuming after the last event the old one had acked.
+        await js.delete_consumer(USAGE_STREAM, METER_CONSUMER)
+        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = current.ack_floor.stream_seq + 1
+    elif current is not None:
+        config.deliver_policy, config.opt_start_seq = current.config.deliver_policy, current.config.opt_start_seq
+    await js.add_consumer(USAGE_STREAM, config)
 
 
 async def ensure_billing_consumers(js: JetStreamContext, settings: Settings) -> None:

@@ -23,6 +23,7 @@ from bus.subjects import (
     INFLIGHT_BUCKET,
     ISSUERS_BUCKET,
     KEYS_BUCKET,
+    METER_CONSUMER,
     REQUESTS_STREAM,
     TENANTS_BUCKET,
     USAGE_QUERY_SUBJECT,
@@ -88,7 +89,9 @@ def permissions(role: str) -> dict:
                *_kv_read(ISSUERS_BUCKET), *_kv_read(CANCELLED_BUCKET)]
         sub = ["tg.req.>", "tg.cancel.>"]  # the doorbell and cancels; never publish work
     elif role == "billing":
-        pub = [*_consume(USAGE_STREAM), *_consume(EVENTS_STREAM), *_consume(HOLDS_STREAM),
+        # Deleting its consumer is only for moving an older meter's consumer to ack-all.
+        pub = [*_consume(USAGE_STREAM), f"$JS.API.CONSUMER.DELETE.{USAGE_STREAM}.{METER_CONSUMER}",
+               *_consume(EVENTS_STREAM), *_consume(HOLDS_STREAM),
                "tg.credit.>", "tg.event.>", *_read_counters(CREDITS_STREAM),
                *_kv_read(BUDGETS_BUCKET), *_kv_write(BUDGET_STATE_BUCKET)]
         sub = [USAGE_QUERY_SUBJECT]  # it answers usage queries (allow_responses, below)
