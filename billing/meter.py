@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from billing.batches import Batches, delivery_count
-from billing.clickhouse import ClickHouse, utc
+from billing.clickhouse import ClickHouse
 from bus import credits
 from bus.protocol import UsageEvent, decode_usage
 from bus.provision import ensure_meter_consumer
@@ -34,10 +34,17 @@ COLUMNS = (
 _TIMES = {"queued_at", "started_at", "first_token_at", "finished_at"}
 
 
+def _micros(ts: float | None) -> int | None:
+    return None if ts is None else round(ts * 1_000_000)
+
+
 def columns(events: list[UsageEvent]) -> list[list]:
-    """The events as one list per column, the layout ClickHouse inserts fastest."""
+    """The events as one list per column, the layout ClickHouse inserts fastest.
+
+    Times go as integer microseconds, which a DateTime64(6) column takes as they are.
+    """
     return [
-        [utc(getattr(e, name)) for e in events] if name in _TIMES else [getattr(e, name) for e in events]
+        [_micros(getattr(e, name)) for e in events] if name in _TIMES else [getattr(e, name) for e in events]
         for name in COLUMNS
     ]
 

@@ -96,6 +96,9 @@ DEFAULT_MODELS: dict[str, ModelSpec] = {
         # The model card's own sampling settings: at OpenAI's default of 1.0 this small model wanders.
         temperature=0.2,
         top_p=0.9,
+        # Demo prices, so usage shows a cost; set your own per model.
+        input_price=1,
+        output_price=2,
     ),
 }
 

@@ -64,3 +64,14 @@ async def test_malformed_usage_is_terminated_not_stored(nc, meter, clickhouse):
         return info.num_ack_pending == 0 and info.num_pending == 0
 
     await eventually(nothing_pending)
+
+
+async def test_times_and_missing_first_token_are_stored_exactly(nc, meter, clickhouse):
+    queued = 1_763_800_000.123456
+    event = usage_event(queued_at=queued, started_at=queued + 0.5, first_token_at=None, finished_at=queued + 2.25)
+    await publish_usage(nc.jetstream(), [event])
+    await usage_rows(clickhouse, [event.request_id], expect=1)
+    [(q, s, f, d)] = await clickhouse.query(
+        "SELECT toUnixTimestamp64Micro(queued_at), toUnixTimestamp64Micro(started_at), first_token_at, "
+        "toUnixTimestamp64Micro(finished_at) FROM usage_events WHERE request_id = {id:String}", {"id": event.request_id})
+    assert (q, s, f, d) == (1_763_800_000_123_456, 1_763_800_000_623_456, None, 1_763_800_002_373_456)
