@@ -93,8 +93,9 @@ def check(budget: Budget) -> Budget:
         raise InvalidRequest("tenant and name must be 1-64 letters, digits, '-' or '_'", param="name")
     if budget.amount_micros <= 0:
         raise InvalidRequest("amount_micros must be positive", param="amount_micros")
-    if (budget.period == "rolling") != (budget.window_s is not None) or (budget.window_s or 1) <= 0:
-        raise InvalidRequest("a rolling budget needs a positive window_s, and only it", param="window_s")
+    if (budget.period == "rolling") != (budget.window_s is not None) or (budget.window_s or 60) < 60:
+        # Spend is read from per-minute rollups: a window is at least a minute.
+        raise InvalidRequest("a rolling budget needs window_s of at least 60, and only it", param="window_s")
     if not budget.thresholds or any(not 0 < t <= 100 for t in budget.thresholds):
         raise InvalidRequest("thresholds are percentages between 1 and 100", param="thresholds")
     if budget.webhook_url is not None and not budget.webhook_url.startswith(("http://", "https://")):

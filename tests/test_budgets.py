@@ -183,3 +183,24 @@ async def test_bad_budgets_are_refused(stack, meter):
         assert status == 400 and body["error"]["type"] == "invalid_request_error", change
     status, body = await admin(stack, "POST", "/admin/budgets", json={**base, "tenant": "nobody"})
     assert status == 404
+
+
+async def test_a_rolling_budget_counts_only_its_window(stack, nc, meter, clickhouse):
+    await _tenant(stack, "budget-rolling")
+    budget = await _budget(stack, tenant="budget-rolling", name="hourly", amount_micros=100, period="rolling",
+                           window_s=3600, thresholds=[50])
+    now = time.time()
+    await publish_usage(nc.jetstream(), [
+        usage_event(tenant="budget-rolling", cost_micros=80, queued_at=now - 2 * 3600),  # out of the window
+        usage_event(tenant="budget-rolling", cost_micros=30, queued_at=now),
+    ])
+    await eventually(lambda: _rows_for(clickhouse, "budget-rolling", 2))
+    await meter.billing.budgets.refresh({"budget-rolling"})
+    assert await _alerts(clickhouse, budget["id"]) == []
+    await publish_usage(nc.jetstream(), [usage_event(tenant="budget-rolling", cost_micros=30)])
+
+    async def crossed():
+        return await _alerts(clickhouse, budget["id"])
+
+    [(threshold, period)] = await eventually(crossed)
+    assert threshold == 50 and period.startswith("w")

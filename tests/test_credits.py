@@ -10,7 +10,9 @@ import pytest
 from bus import credits
 from bus.protocol import ChatBody, ChatMessage
 from bus.tenancy import Tenant
-from tests.conftest import CHAT_MODEL, admin, eventually, free_port, usage_rows
+from billing.meter import Meter
+from bus.subjects import METER_CONSUMER, USAGE_STREAM
+from tests.conftest import CHAT_MODEL, admin, eventually, free_port, publish_usage, usage_event, usage_rows
 
 PROMPT = [{"role": "user", "content": "Say hi"}]
 MAX_TOKENS = 2
@@ -22,13 +24,20 @@ async def _prepaid_tenant(stack, tenant_id: str) -> str:
         await store.create_tenant(Tenant(id=tenant_id, tier="enterprise", prepaid=True))
         return (await store.create_key(tenant_id, name="prepaid"))[1]
 
-    return await stack.tenancy(make)
+    key = await stack.tenancy(make)
+
+    async def edge_knows_it():
+        async with aiohttp.ClientSession() as http:
+            return (await _own_credits(http, stack, key))[0] == 200
+
+    await eventually(edge_knows_it)
+    return key
 
 
-def _hold(stack) -> int:
-    """What one PROMPT request with MAX_TOKENS holds on the enterprise tier's default lane (high)."""
+def _hold(stack, lane: str = "high") -> int:
+    """What one PROMPT request with MAX_TOKENS holds (on the enterprise tier's default lane, high)."""
     body = ChatBody(messages=[ChatMessage(**m) for m in PROMPT], max_tokens=MAX_TOKENS)
-    return credits.max_cost(stack.settings.model(CHAT_MODEL), body, MAX_TOKENS, stack.settings.lane_multipliers["high"])
+    return credits.max_cost(stack.settings.model(CHAT_MODEL), body, MAX_TOKENS, stack.settings.lane_multipliers[lane])
 
 
 async def _grant(stack, nc, tenant: str, amount: int, **extra) -> dict:
@@ -141,22 +150,26 @@ async def test_a_request_that_never_runs_gets_its_hold_back(stack, nc, meter, cl
     key = await _prepaid_tenant(stack, tenant)
     await _grant(stack, nc, tenant, 100_000)
     short = await _short_deadline_edge(stack)
+    story = [{"role": "user", "content": "Write a long story about a fox."}]
     async with aiohttp.ClientSession() as http:
-        # Keep the only worker busy past the prepaid request's 2 s deadline, so it expires queued.
-        busy = asyncio.create_task(_chat(http, stack, stack.api_key, max_tokens=400,
-                                         messages=[{"role": "user", "content": "Write a long story about a fox."}]))
+        # Keep the only worker busy with normal-lane work well past the prepaid request's 2 s
+        # deadline; sent on the batch lane (flex), it waits behind all of it and expires queued.
+        busy = [asyncio.create_task(_chat(http, stack, stack.api_key, max_tokens=300, messages=story))
+                for _ in range(3)]
         await asyncio.sleep(0.5)
         async with http.post(short + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                             json={"model": CHAT_MODEL, "messages": PROMPT, "max_tokens": MAX_TOKENS}) as resp:
+                             json={"model": CHAT_MODEL, "messages": PROMPT, "max_tokens": MAX_TOKENS,
+                                   "service_tier": "flex"}) as resp:
             assert resp.status == 504
             rid = resp.headers["x-request-id"]
-        assert await credits.available(nc.jetstream(), tenant) == 100_000 - _hold(stack), "still held"
+        assert await credits.available(nc.jetstream(), tenant) == 100_000 - _hold(stack, "batch"), "still held"
 
         async def released():
             return await credits.available(nc.jetstream(), tenant) == 100_000
 
         await eventually(released, timeout=20)
-        busy.cancel()
+        for task in busy:
+            task.cancel()
     assert await usage_rows(clickhouse, [rid], expect=1, timeout=0.5) == [], "it never ran"
 
 
@@ -229,3 +242,35 @@ async def test_an_operator_grants_credits_and_sets_a_budget_from_the_cli(stack, 
                        "--thresholds", "80,100")
     assert budget["id"] == "prepaid-cli.monthly" and budget["thresholds"] == [80, 100]
     assert [b["id"] for b in await run(stack.cli, "budgets", "list", "--tenant", "prepaid-cli")] == ["prepaid-cli.monthly"]
+
+
+async def test_a_meter_crash_between_settling_and_acking_settles_each_hold_once(stack, nc, meter, clickhouse):
+    js = nc.jetstream()
+    tenant = "prepaid-crash"
+    await _prepaid_tenant(stack, tenant)
+    await _grant(stack, nc, tenant, 10_000)
+    events = [usage_event(tenant=tenant, principal="k", hold_micros=1_000, cost_micros=300) for _ in range(5)]
+    for e in events:
+        assert await credits.hold(js, tenant, e.request_id, e.hold_micros)
+    assert await credits.available(js, tenant) == 5_000
+
+    await meter.stop()  # drive a meter by hand that dies after settling, before acking
+    await publish_usage(js, events)
+    crashing_nc = await stack.connect("billing")
+    crashing = Meter(stack.settings, crashing_nc, clickhouse)
+    await crashing.start()
+    batch = await crashing.fetch()
+    assert len(batch) == len(events)
+    await crashing.store(batch)  # inserted and settled ...
+    await crashing_nc.close()  # ... and gone before the ack
+    assert await credits.available(js, tenant) == 10_000 - 5 * 300
+    await meter.start()  # redelivered after ack_wait: stored already, settled already
+
+    async def all_acked():
+        info = await js.consumer_info(USAGE_STREAM, METER_CONSUMER)
+        return info.num_ack_pending == 0 and info.num_pending == 0 and info.delivered.consumer_seq > info.delivered.stream_seq
+
+    await eventually(all_acked, timeout=15)
+    assert await credits.available(js, tenant) == 10_000 - 5 * 300, "no hold settled twice"
+    ledger = await eventually(lambda: _debits_in(clickhouse, tenant, 5))
+    assert sum(amount for _, amount, _, _ in ledger) == 10_000 - 5 * 300
