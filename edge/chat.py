@@ -8,7 +8,6 @@ import msgspec
 from aiohttp import web
 
 from bus.chat import ChatResults, to_body
-from bus.credits import max_cost
 from bus.errors import ModelNotFound, TollgateError
 from bus.ids import new_request_id
 from bus.openai_types import ChatCompletionRequest
@@ -18,7 +17,7 @@ from bus.service_tier import lane_for, tier_of
 from bus.validation import decode_json as decode_body
 from edge.errors import error_event
 from edge.ratelimit import DEFAULT_COMPLETION_ESTIMATE, RateLimiter
-from edge.spending import SpendingGate
+from edge.spending import SpendingGate, prepaid_terms
 
 _encode = msgspec.json.Encoder().encode
 REQUEST_ID_HEADER = "x-request-id"
@@ -48,9 +47,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     spending.check_budgets(tenant, principal.key.id)
     hold = 0
     if policy.prepaid:
-        if body.max_tokens is None:  # a hold needs a bound; the model's default cap gives one
-            body = msgspec.structs.replace(body, max_tokens=spec.default_max_tokens)
-        hold = max_cost(spec, body, body.max_tokens, request.app["settings"].lane_multipliers.get(lane, 1.0))
+        body, hold = prepaid_terms(spec, body, request.app["settings"].lane_multipliers.get(lane, 1.0))
     admission = await limiter.admit(policy, estimate_tokens(body))
     call: Call | None = None
     request_id, held = new_request_id(), False
