@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig
+
 from billing.meter import Meter
 from bus.envelopes import MSG_ID_HEADER
 from bus.protocol import UsageEvent, encode
+from bus.provision import ensure_meter_consumer, provision
+from bus.settings import Settings
 from bus.subjects import METER_CONSUMER, USAGE_STREAM, usage_subject
+from infra.nats_launcher import NatsServer
 from tests.conftest import eventually, publish_usage, usage_event, usage_rows
 
 
@@ -75,3 +81,28 @@ async def test_times_and_missing_first_token_are_stored_exactly(nc, meter, click
         "SELECT toUnixTimestamp64Micro(queued_at), toUnixTimestamp64Micro(started_at), first_token_at, "
         "toUnixTimestamp64Micro(finished_at) FROM usage_events WHERE request_id = {id:String}", {"id": event.request_id})
     assert (q, s, f, d) == (1_763_800_000_123_456, 1_763_800_000_623_456, None, 1_763_800_002_373_456)
+
+
+async def test_an_older_meter_consumer_becomes_ack_all_and_resumes_after_its_last_ack(tmp_path):
+    with NatsServer(tmp_path / "nats") as server:
+        conn = await nats.connect(server.url)
+        js = conn.jetstream()
+        settings = Settings()
+        await provision(js, settings)
+        # What the first version made: explicit acks, one per event.
+        await js.add_consumer(USAGE_STREAM, ConsumerConfig(durable_name=METER_CONSUMER, filter_subject="tg.usage.>",
+                                                           ack_policy=AckPolicy.EXPLICIT))
+        events = [_event(i) for i in range(5)]
+        await publish_usage(js, events)
+        old = await js.pull_subscribe_bind(METER_CONSUMER, USAGE_STREAM)
+        for msg in await old.fetch(2):
+            await msg.ack()
+        await old.unsubscribe()
+
+        await ensure_meter_consumer(js, settings)
+        info = await js.consumer_info(USAGE_STREAM, METER_CONSUMER)
+        assert info.config.ack_policy == AckPolicy.ALL
+        assert info.num_pending == 3, "the three events never acked, and only those"
+        await ensure_meter_consumer(js, settings)  # and provisioning again changes nothing
+        assert (await js.consumer_info(USAGE_STREAM, METER_CONSUMER)).num_pending == 3
+        await conn.close()
