@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 _HEARTBEAT = "100"
 # After the first message of a quiet spell, how long to let a burst gather into one batch.
 _LINGER_S = 0.005
+_RETRY_S = 1.0
 
 
 class Batches:
@@ -75,31 +76,40 @@ class Batches:
         batch, self._ready = self._ready[:want], self._ready[want:]
         return batch
 
-    async def run(self, stop: asyncio.Event, handle: Callable[[list[Msg]], Awaitable[None]]) -> None:
-        """Feed batches to ``handle`` until ``stop`` is set; a failed batch is left to be redelivered.
+    async def run(self, stop: asyncio.Event, handle: Callable[[list[Msg], bool], Awaitable[None]]) -> None:
+        """Feed batches to ``handle(msgs, retry)`` until ``stop`` is set.
 
         The next batch is fetched while the last one is handled (its ClickHouse work runs
-        in a thread); batches are still handled one at a time, in order.
+        in a thread), but batches are handled one at a time, in order, and a batch that
+        fails is retried until it succeeds before any later one: with an ack-all consumer,
+        acking a later batch would ack the failed one too, and lose it. ``retry`` tells
+        the handler a batch may have been partly handled before.
         """
         handling: asyncio.Task | None = None
+        batch: list[Msg] = []
         while not stop.is_set():
             msgs = await self.fetch()
             if handling is not None:
-                await self._finish(handling)
+                await self._finish(handling, batch, handle, stop)
                 handling = None
             if msgs:
-                handling = asyncio.create_task(handle(msgs))
-                handling.size = len(msgs)
+                batch, handling = msgs, asyncio.create_task(handle(msgs, False))
         if handling is not None:
-            await self._finish(handling)
+            await self._finish(handling, batch, handle, stop)
 
-    async def _finish(self, handling: asyncio.Task) -> None:
-        try:
-            await handling
-        except Exception:
-            # Unacked, the batch comes back after ack_wait: nothing is lost while a dependency is away.
-            log.exception("%s could not handle a batch of %d; it will be redelivered", self.durable, handling.size)
-            await asyncio.sleep(1.0)
+    async def _finish(self, handling: asyncio.Task, batch: list[Msg], handle, stop: asyncio.Event) -> None:
+        while True:
+            try:
+                await handling
+                return
+            except Exception:
+                log.exception("%s could not handle a batch of %d; retrying it", self.durable, len(batch))
+            # Nothing is acked meanwhile: a stop here leaves the batch to be redelivered.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), _RETRY_S)
+            if stop.is_set():
+                return
+            handling = asyncio.create_task(handle(batch, True))
 
     async def close(self) -> None:
         if self._sub is not None:

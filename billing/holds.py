@@ -35,7 +35,7 @@ class HoldSweeper(Batches):
         self.ch = ch
         self.grace_s = settings.meter.hold_grace_s
 
-    async def handle(self, msgs: list[Msg]) -> None:
+    async def handle(self, msgs: list[Msg], retry: bool = False) -> None:
         notices: list[tuple[Msg, HoldNotice]] = []
         for msg in msgs:
             try:

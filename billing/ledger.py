@@ -35,7 +35,7 @@ class LedgerWriter(Batches):
         super().__init__(nc, EVENTS_STREAM, LEDGER_CONSUMER, settings.meter.batch_size)
         self.ch = ch
 
-    async def handle(self, msgs: list[Msg]) -> None:
+    async def handle(self, msgs: list[Msg], retry: bool = False) -> None:
         entries: dict[str, CreditEntry] = {}
         keep: list[Msg] = []
         for msg in msgs:

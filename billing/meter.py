@@ -67,10 +67,11 @@ class Meter(Batches):
         await ensure_meter_consumer(self._js, self.settings)
         await super().start()
 
-    async def store(self, msgs: list[Msg]) -> list[Msg]:
+    async def store(self, msgs: list[Msg], retry: bool = False) -> list[Msg]:
         """Insert the batch's new events and settle its holds; return the messages that may now be acked.
 
-        Malformed events are terminated and logged, never inserted.
+        Malformed events are terminated and logged, never inserted. ``retry``: the
+        batch was handled before and may be stored already, so every id is looked up.
         """
         events: dict[str, UsageEvent] = {}
         redelivered: list[UsageEvent] = []
@@ -84,7 +85,7 @@ class Meter(Batches):
                 continue
             events.setdefault(event.request_id, event)
             keep.append(msg)
-            if delivery_count(msg) > 1:
+            if retry or delivery_count(msg) > 1:
                 redelivered.append(event)
         if not events:
             return keep
@@ -117,5 +118,5 @@ class Meter(Batches):
         if msgs:
             await msgs[-1].ack()  # ack-all: acks the whole batch, and everything delivered before it
 
-    async def handle(self, msgs: list[Msg]) -> None:
-        await self.ack(await self.store(msgs))
+    async def handle(self, msgs: list[Msg], retry: bool = False) -> None:
+        await self.ack(await self.store(msgs, retry))

@@ -56,7 +56,7 @@ class WebhookSender(Batches):
         if self._http is not None:
             await self._http.close()
 
-    async def handle(self, msgs: list[Msg]) -> None:
+    async def handle(self, msgs: list[Msg], retry: bool = False) -> None:
         await asyncio.gather(*(self._deliver(msg) for msg in msgs))
 
     async def _deliver(self, msg: Msg) -> None:

@@ -1,0 +1,51 @@
+"""The billing consumers' batch loop: a failed batch is retried before any later batch is handled."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+
+from billing.batches import Batches
+from infra.nats_launcher import NatsServer
+from tests.conftest import eventually
+
+
+async def test_a_failed_batch_is_retried_first_and_no_later_ack_covers_it(tmp_path):
+    with NatsServer(tmp_path / "nats") as server:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="T", subjects=["t.>"]))
+        await js.add_consumer("T", ConsumerConfig(durable_name="c", ack_policy=AckPolicy.ALL, ack_wait=30))
+        for i in range(30):
+            await js.publish("t.x", str(i).encode())
+        batches = Batches(nc, "T", "c", batch_size=10)
+        await batches.start()
+        handled: list[tuple[list[int], bool]] = []
+        failures = 0
+
+        async def handle(msgs, retry):
+            nonlocal failures
+            numbers = [int(m.data) for m in msgs]
+            if numbers[0] == 10 and failures < 2:  # the second batch fails twice
+                failures += 1
+                raise RuntimeError("ClickHouse is away")
+            handled.append((numbers, retry))
+            await msgs[-1].ack()
+
+        stop = asyncio.Event()
+        loop = asyncio.create_task(batches.run(stop, handle))
+
+        async def all_handled():
+            return sum(len(n) for n, _ in handled) == 30
+
+        await eventually(all_handled, timeout=15)
+        stop.set()
+        await loop
+        await batches.close()
+        assert [n for n, _ in handled] == [list(range(0, 10)), list(range(10, 20)), list(range(20, 30))]
+        assert [retry for _, retry in handled] == [False, True, False]
+        info = await js.consumer_info("T", "c")
+        assert info.num_ack_pending == 0 and info.num_redelivered == 0
+        await nc.close()
