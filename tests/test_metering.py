@@ -99,6 +99,11 @@ async def test_an_older_meter_consumer_becomes_ack_all_and_resumes_after_its_las
             await msg.ack()
         await old.unsubscribe()
 
+        async def acks_recorded():
+            return (await js.consumer_info(USAGE_STREAM, METER_CONSUMER)).ack_floor.stream_seq == 2
+
+        await eventually(acks_recorded)  # the server applies acks asynchronously
+
         await ensure_meter_consumer(js, settings)
         info = await js.consumer_info(USAGE_STREAM, METER_CONSUMER)
         assert info.config.ack_policy == AckPolicy.ALL
