@@ -88,27 +88,33 @@ class Batches:
         handling: asyncio.Task | None = None
         batch: list[Msg] = []
         while not stop.is_set():
-            msgs = await self.fetch()
-            if handling is not None:
-                await self._finish(handling, batch, handle, stop)
-                handling = None
+            try:
+                msgs = await self.fetch()
+            except Exception:  # the connection is away: nats-py reconnects, we wait
+                log.exception("%s could not fetch; trying again", self.durable)
+                msgs = []
+                await asyncio.sleep(_RETRY_S)
+            if handling is not None and not await self._finish(handling, batch, handle, stop):
+                return  # stopped with a batch unhandled: nothing after it may be acked
+            handling = None
             if msgs:
                 batch, handling = msgs, asyncio.create_task(handle(msgs, False))
         if handling is not None:
             await self._finish(handling, batch, handle, stop)
 
-    async def _finish(self, handling: asyncio.Task, batch: list[Msg], handle, stop: asyncio.Event) -> None:
+    async def _finish(self, handling: asyncio.Task, batch: list[Msg], handle, stop: asyncio.Event) -> bool:
+        """Wait for a batch, retrying it until it is handled (True) or ``stop`` is set (False)."""
         while True:
             try:
                 await handling
-                return
+                return True
             except Exception:
                 log.exception("%s could not handle a batch of %d; retrying it", self.durable, len(batch))
             # Nothing is acked meanwhile: a stop here leaves the batch to be redelivered.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), _RETRY_S)
             if stop.is_set():
-                return
+                return False
             handling = asyncio.create_task(handle(batch, True))
 
     async def close(self) -> None:
@@ -117,18 +123,19 @@ class Batches:
                 await self._sub.unsubscribe()
 
 
-async def ack_all(msgs: list[Msg]) -> None:
+async def ack_each(msgs: list[Msg]) -> None:
     """Ack every message; acks are fire-and-forget publishes, flushed together."""
     for msg in msgs:
         await msg.ack()
 
 
-def delivery_count(msg: Msg) -> int:
-    """How many times JetStream has delivered ``msg``, read straight from its ack subject.
+def delivery(msg: Msg) -> tuple[int, int]:
+    """How many times JetStream has delivered ``msg``, and its stream sequence, from its ack subject.
 
-    ``msg.metadata`` parses every field; at tens of thousands a second only this one is wanted.
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.…`` (9 tokens) or, with a domain and account
-    hash, ``$JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.…`` (11 or 12).
+    ``msg.metadata`` parses every field; at tens of thousands a second only these are wanted.
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.…`` (9 tokens) or, with a domain
+    and account hash, ``$JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.…`` (11 or 12).
     """
     tokens = msg.reply.split(".")
-    return int(tokens[4] if len(tokens) == 9 else tokens[6])
+    at = 4 if len(tokens) == 9 else 6
+    return int(tokens[at]), int(tokens[at + 1])

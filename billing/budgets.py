@@ -11,6 +11,7 @@ remembered across restarts, so no threshold alerts twice in a period.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -38,6 +39,8 @@ class BudgetTracker:
         self._published: dict[str, BudgetState] = {}
         self._alerted: set[str] = set()
         self._lock = asyncio.Lock()
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
 
     async def start(self) -> None:
         self._budgets = WatchedBucket(await self._js.key_value(BUDGETS_BUCKET), decode_budget)
@@ -50,13 +53,31 @@ class BudgetTracker:
     async def stop(self) -> None:
         await self._budgets.stop()
 
+    def touch(self, tenants: set[str]) -> None:
+        """Note that these tenants' usage changed; ``run`` follows up, off the meter's path."""
+        self._dirty |= tenants
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Refresh the budgets of touched tenants, many touches at a time, until ``stop``."""
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            self._wake.clear()
+            tenants, self._dirty = self._dirty, set()
+            if tenants:
+                await self.refresh(tenants)
+
     async def refresh(self, tenants: set[str] | None = None, now: float | None = None) -> None:
         """Bring the budgets of ``tenants`` (all when None) up to date as of ``now``."""
         now = time.time() if now is None else now
         async with self._lock:
             for budget in self._budgets.values():
                 if tenants is None or budget.tenant in tenants:
-                    await self._refresh(budget, now)
+                    try:
+                        await self._refresh(budget, now)
+                    except Exception:  # one budget's trouble must not stall the others
+                        log.exception("could not bring budget %s up to date", budget.id)
 
     async def _refresh(self, budget: Budget, now: float) -> None:
         spent = await self._spent(budget, now)

@@ -17,11 +17,14 @@ import time
 from nats.js import JetStreamContext
 
 from billing.clickhouse import ClickHouse, utc
-from billing.meter import meter_caught_up
+from billing.meter import Watermark
 from bus import credits
 from bus.protocol import CreditEntry
 
 log = logging.getLogger(__name__)
+
+# A lapse takes a few passes at most (only while credits are held); a week is plenty.
+_LOOK_BACK_S = 7 * 86400
 
 
 class _Grant:
@@ -38,7 +41,7 @@ def unspent(rows: list[tuple]) -> dict[str, tuple[int, int]]:
     """
     grants: dict[str, _Grant] = {}
     expiries: dict[str, int] = {}
-    for order, (entry_id, kind, amount, _at, expires_at, grant_id) in enumerate(rows):
+    for order, (entry_id, kind, amount, at_time, expires_at, grant_id) in enumerate(rows):
         if amount > 0:  # grants, top-ups and refunds are all money in
             expires = expires_at.timestamp() if expires_at is not None else None
             grants[entry_id] = _Grant(entry_id, amount, expires, order)
@@ -46,8 +49,9 @@ def unspent(rows: list[tuple]) -> dict[str, tuple[int, int]]:
             grants[grant_id].left += amount
             expiries[grant_id] = expiries.get(grant_id, 0) + 1
         else:
-            owed = -amount
-            for grant in sorted(grants.values(), key=lambda g: (g.expires if g.expires is not None else math.inf, g.order)):
+            owed, at = -amount, at_time.timestamp()
+            live = [g for g in grants.values() if g.expires is None or g.expires > at]  # a lapsed grant pays nothing
+            for grant in sorted(live, key=lambda g: (g.expires if g.expires is not None else math.inf, g.order)):
                 take = min(owed, grant.left)
                 grant.left, owed = grant.left - take, owed - take
                 if not owed:
@@ -55,18 +59,20 @@ def unspent(rows: list[tuple]) -> dict[str, tuple[int, int]]:
     return {g.id: (max(g.left, 0), expiries.get(g.id, 0)) for g in grants.values()}
 
 
-async def expire_lapsed(js: JetStreamContext, ch: ClickHouse, now: float | None = None) -> int:
-    """Publish an expiry for every lapsed grant with credits left; return how many.
+async def expire_lapsed(js: JetStreamContext, ch: ClickHouse, watermark: Watermark) -> int:
+    """Publish an expiry for every recently lapsed grant with credits left; return how many.
 
-    Waits while the meter is behind: a debit not yet in the ledger would make
-    a grant look less spent than it is.
+    Waits until the meter has stored all usage published before the pass began: a
+    debit not yet in the ledger would make a grant look less spent than it is.
+    Grants that lapsed more than ``_LOOK_BACK_S`` ago are not looked at again.
     """
-    now = time.time() if now is None else now
-    if not await meter_caught_up(js):
+    if not await watermark.passed("expiry"):
         return 0
+    now = time.time()
     tenants = [t for (t,) in await ch.query(
-        "SELECT DISTINCT tenant FROM credit_ledger FINAL WHERE kind = 'grant' AND expires_at <= {now:DateTime64(6)}",
-        {"now": utc(now)},
+        "SELECT DISTINCT tenant FROM credit_ledger FINAL WHERE kind = 'grant' "
+        "AND expires_at <= {now:DateTime64(6)} AND expires_at > {since:DateTime64(6)}",
+        {"now": utc(now), "since": utc(now - _LOOK_BACK_S)},
     )]
     published = 0
     for tenant in tenants:

@@ -1,11 +1,12 @@
 """Releasing holds that no usage will ever settle.
 
-Edges report every held request when it ends (``tg.hold.<tenant>``). Most
-were settled by the meter already; a request that expired in the queue, was
-cancelled before it ran or lost its worker never produces usage, and its hold
-would stay taken. Once such a request is past its deadline (plus a grace for
-usage still on its way) and the meter has caught up, its hold is given back
-under the same message id a settlement uses, so it can never count twice.
+Edges report every hold as they take it (``tg.hold.<tenant>``). Most are
+settled by the meter from the request's usage; a request that expired in the
+queue, was cancelled before it ran or lost its worker never produces usage,
+and its hold would stay taken. Once such a request is past its deadline (plus
+a grace for usage still on its way) and the meter has stored everything
+published until then, its hold is given back under the message id a
+settlement uses (``settle-<request>``), so the two cannot both count.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from nats.aio.msg import Msg
 
 from billing.batches import Batches
 from billing.clickhouse import ClickHouse
-from billing.meter import meter_caught_up
+from billing.meter import Watermark
 from bus import credits
 from bus.protocol import HoldNotice, decode_hold
 from bus.settings import Settings
@@ -26,7 +27,7 @@ from bus.subjects import HOLDS_CONSUMER, HOLDS_STREAM
 
 log = logging.getLogger(__name__)
 
-_RECHECK_S = 30.0
+_RECHECK_S = 1.0
 
 
 class HoldSweeper(Batches):
@@ -34,6 +35,7 @@ class HoldSweeper(Batches):
         super().__init__(nc, HOLDS_STREAM, HOLDS_CONSUMER, settings.meter.batch_size)
         self.ch = ch
         self.grace_s = settings.meter.hold_grace_s
+        self._watermark = Watermark(self._js)
 
     async def handle(self, msgs: list[Msg], retry: bool = False) -> None:
         notices: list[tuple[Msg, HoldNotice]] = []
@@ -45,22 +47,30 @@ class HoldSweeper(Batches):
                 await msg.term()
         if not notices:
             return
-        metered = {rid for (rid,) in await self.ch.query(
-            "SELECT request_id FROM usage_events WHERE request_id IN {ids:Array(String)}",
-            {"ids": [n.request_id for _, n in notices]},
-        )}
+        metered = await self._metered([n.request_id for _, n in notices])
         now = time.time()
-        caught_up: bool | None = None
+        due: list[tuple[Msg, HoldNotice]] = []
         for msg, notice in notices:
             if notice.request_id in metered:
+                self._watermark.forget(notice.request_id)
                 await msg.ack()  # the meter settled it
                 continue
             wait = notice.deadline + self.grace_s - now
-            if wait <= 0 and caught_up is None:
-                caught_up = await meter_caught_up(self._js)
-            if wait > 0 or not caught_up:
-                await msg.nak(delay=min(max(wait, 1.0), _RECHECK_S))
-                continue
-            await credits.settle(self._js, notice.tenant, notice.request_id, notice.hold_micros, 0)
-            log.info("released the hold of %s: it ended without usage", notice.request_id)
+            if wait > 0:
+                await msg.nak(delay=wait)
+            elif not await self._watermark.passed(notice.request_id):
+                await msg.nak(delay=_RECHECK_S)  # usage published before now is not all stored yet
+            else:
+                due.append((msg, notice))
+        # Looked up once more: the usage may have been stored since the first look.
+        metered = await self._metered([n.request_id for _, n in due]) if due else set()
+        for msg, notice in due:
+            if notice.request_id not in metered:
+                await credits.settle(self._js, notice.tenant, notice.request_id, notice.hold_micros, 0)
+                log.info("released the hold of %s: it ended without usage", notice.request_id)
             await msg.ack()
+
+    async def _metered(self, request_ids: list[str]) -> set[str]:
+        rows = await self.ch.query("SELECT request_id FROM usage_events WHERE request_id IN {ids:Array(String)}",
+                                   {"ids": request_ids})
+        return {request_id for (request_id,) in rows}

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from typing import Callable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from billing.batches import Batches, delivery_count
+from billing.batches import Batches, delivery
 from billing.clickhouse import ClickHouse
 from bus import credits
 from bus.protocol import UsageEvent, decode_usage
@@ -49,22 +49,44 @@ def columns(events: list[UsageEvent]) -> list[list]:
     ]
 
 
-async def meter_caught_up(js: JetStreamContext) -> bool:
-    """True when every usage event published so far is stored (and so settled and in the ledger)."""
-    info = await js.consumer_info(USAGE_STREAM, METER_CONSUMER)
-    return info.num_pending == 0 and info.num_ack_pending == 0
+class Watermark:
+    """Tells when the meter has stored every usage event published up to a moment.
+
+    ``passed(key)`` marks the USAGE stream's end on its first call for ``key`` and is
+    true once the meter's ack floor reaches that mark: under steady traffic the meter
+    is never idle, but it does get past any given point.
+    """
+
+    def __init__(self, js: JetStreamContext):
+        self._js = js
+        self._marks: dict[str, int] = {}
+
+    async def passed(self, key: str) -> bool:
+        mark = self._marks.get(key)
+        if mark is None:
+            mark = self._marks[key] = (await self._js.stream_info(USAGE_STREAM)).state.last_seq
+        floor = (await self._js.consumer_info(USAGE_STREAM, METER_CONSUMER)).ack_floor.stream_seq
+        if floor < mark:
+            return False
+        del self._marks[key]
+        return True
+
+    def forget(self, key: str) -> None:
+        self._marks.pop(key, None)
 
 
 class Meter(Batches):
     def __init__(self, settings: Settings, nc: Client, ch: ClickHouse,
-                 on_stored: Callable[[set[str]], Awaitable[None]] | None = None):
+                 on_stored: Callable[[set[str]], None] | None = None):
         super().__init__(nc, USAGE_STREAM, METER_CONSUMER, settings.meter.batch_size)
         self.settings = settings
         self.ch = ch
         self._on_stored = on_stored  # told which tenants' usage changed (budgets follow it)
+        self._recheck_through = 0
 
     async def start(self) -> None:
-        await ensure_meter_consumer(self._js, self.settings)
+        # Events up to this stream position may have been stored by a meter whose consumer was replaced.
+        self._recheck_through = await ensure_meter_consumer(self._js, self.settings)
         await super().start()
 
     async def store(self, msgs: list[Msg], retry: bool = False) -> list[Msg]:
@@ -85,7 +107,8 @@ class Meter(Batches):
                 continue
             events.setdefault(event.request_id, event)
             keep.append(msg)
-            if retry or delivery_count(msg) > 1:
+            delivered, seq = delivery(msg)
+            if retry or delivered > 1 or seq <= self._recheck_through:
                 redelivered.append(event)
         if not events:
             return keep
@@ -108,10 +131,7 @@ class Meter(Batches):
             for e in events.values() if e.hold_micros > 0
         ))
         if new and self._on_stored is not None:
-            try:
-                await self._on_stored({e.tenant for e in new})
-            except Exception:  # budgets catch up on their own schedule; the usage is safe
-                log.exception("budgets could not follow a usage batch")
+            self._on_stored({e.tenant for e in new})
         return keep
 
     async def ack(self, msgs: list[Msg]) -> None:

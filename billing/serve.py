@@ -14,7 +14,7 @@ from billing.clickhouse import ClickHouse
 from billing.expiry import expire_lapsed
 from billing.holds import HoldSweeper
 from billing.ledger import LedgerWriter
-from billing.meter import Meter
+from billing.meter import Meter, Watermark
 from billing.schema import apply_schema
 from billing.usage_service import UsageService
 from billing.webhooks import WebhookSender
@@ -32,7 +32,8 @@ class Billing:
         js = nc.jetstream()
         self.settings, self.js = settings, js
         self.budgets = BudgetTracker(js, ch)
-        self.meter = Meter(settings, nc, ch, on_stored=self.budgets.refresh)
+        self.meter = Meter(settings, nc, ch, on_stored=self.budgets.touch)
+        self.watermark = Watermark(js)
         self.ledger = LedgerWriter(settings, nc, ch)
         self.holds = HoldSweeper(settings, nc, ch)
         self.webhooks = WebhookSender(settings, nc)
@@ -50,23 +51,26 @@ class Billing:
         self._stop = asyncio.Event()
         self._tasks = [
             *(asyncio.create_task(part.run(self._stop, part.handle)) for part in self._consumers),
+            asyncio.create_task(self.budgets.run(self._stop)),
             asyncio.create_task(self._chores()),
         ]
 
     async def _chores(self) -> None:
         """Lapse expired grants and follow budgets into new periods, on a timer."""
         while not self._stop.is_set():
-            try:
-                await expire_lapsed(self.js, self.ch)
-                await self.budgets.refresh()
-            except Exception:
-                log.exception("a periodic billing chore failed; it runs again next interval")
+            for chore in (lambda: expire_lapsed(self.js, self.ch, self.watermark), self.budgets.refresh):
+                try:
+                    await chore()
+                except Exception:
+                    log.exception("a periodic billing chore failed; it runs again next interval")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.settings.meter.expiry_interval_s)
 
     async def stop(self) -> None:
         self._stop.set()
-        await asyncio.gather(*self._tasks)
+        for result in await asyncio.gather(*self._tasks, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.error("a billing task had failed: %r", result)
         await self.usage.stop()
         for part in self._consumers:
             await part.close()

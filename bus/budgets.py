@@ -21,6 +21,7 @@ from bus.subjects import BUDGETS_BUCKET
 from bus.tenancy import valid_id
 
 DEFAULT_THRESHOLDS = [50, 75, 90, 100]
+_MAX_WINDOW_S = 31 * 86400
 
 
 class Budget(msgspec.Struct, forbid_unknown_fields=True):
@@ -93,9 +94,10 @@ def check(budget: Budget) -> Budget:
         raise InvalidRequest("tenant and name must be 1-64 letters, digits, '-' or '_'", param="name")
     if budget.amount_micros <= 0:
         raise InvalidRequest("amount_micros must be positive", param="amount_micros")
-    if (budget.period == "rolling") != (budget.window_s is not None) or (budget.window_s or 60) < 60:
+    if (budget.period == "rolling") != (budget.window_s is not None) or not 60 <= (budget.window_s or 60) <= _MAX_WINDOW_S:
         # Spend is read from per-minute rollups: a window is at least a minute.
-        raise InvalidRequest("a rolling budget needs window_s of at least 60, and only it", param="window_s")
+        raise InvalidRequest(f"a rolling budget needs window_s between 60 and {_MAX_WINDOW_S}, and only it",
+                             param="window_s")
     if not budget.thresholds or any(not 0 < t <= 100 for t in budget.thresholds):
         raise InvalidRequest("thresholds are percentages between 1 and 100", param="thresholds")
     if budget.webhook_url is not None and not budget.webhook_url.startswith(("http://", "https://")):
@@ -129,6 +131,8 @@ class BudgetStore:
         return [b for b in budgets if tenant is None or b.tenant == tenant]
 
     async def delete(self, budget_id: str) -> None:
-        if budget_id not in {b.id for b in await self.list()}:
-            raise NotFound(f"no budget {budget_id!r}")
+        try:
+            await self._kv.get(budget_id)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):
+            raise NotFound(f"no budget {budget_id!r}") from None
         await self._kv.delete(budget_id)

@@ -3,10 +3,11 @@
 A prepaid tenant's *available* credits live in one JetStream counter
 (``tg.credit.<tenant>``): ledger entries add to it, admission takes a hold out
 of it, and the request's usage gives back what the hold did not cost. Every
-add carries a message id, so a retried add (an admin retrying a grant, a
-meter redelivered a batch) lands once. Holds and settlements share the id
-``settle-<request>``: whoever settles first (the meter with the real cost,
-or billing's sweeper when no usage ever came) is the only one that counts.
+add carries a message id, so a retried add (a meter redelivered a batch)
+lands once within the stream's dedupe window. A hold is ``hold-<request>``;
+giving back a refused hold, settling from usage (the meter) and releasing a
+hold no usage came for (billing's sweeper) all use ``settle-<request>``, so
+only the first of them counts.
 
 Ledger entries (grants, top-ups, refunds, expiries) are published here and
 applied to the counter by billing alone; ``credit_ledger`` in ClickHouse holds
@@ -28,6 +29,8 @@ from bus.protocol import ChatBody, CreditEntry, HoldNotice, encode
 from bus.settings import ModelSpec
 from bus.subjects import CREDITS_STREAM, credit_counter, credit_event_subject, hold_subject
 
+# What one ledger entry may move (ClickHouse keeps amounts as Int64), and the latest expiry (year 2200).
+_MAX_MICROS, _LATEST_EXPIRY = 2**62, 7_258_118_400.0
 # Tokens a chat template may add around the messages (role markers, a default system prompt).
 _TEMPLATE_TOKENS, _MESSAGE_TOKENS = 64, 8
 
@@ -56,13 +59,16 @@ class CreditChange(msgspec.Struct, forbid_unknown_fields=True):
 
     def entry(self, tenant: str, now: float) -> CreditEntry:
         """The ledger entry this change makes, or ``InvalidRequest`` if it makes none."""
-        if self.amount_micros <= 0:
-            raise InvalidRequest("amount_micros must be positive", param="amount_micros")
+        if not 0 < self.amount_micros <= _MAX_MICROS:
+            raise InvalidRequest(f"amount_micros must be between 1 and {_MAX_MICROS}", param="amount_micros")
         if self.expires_at is not None and self.expires_in is not None:
             raise InvalidRequest("set expires_at or expires_in, not both", param="expires_in")
         expires = self.expires_at if self.expires_in is None else now + self.expires_in
         if expires is not None and self.kind != "grant":
             raise InvalidRequest("only grants expire", param="expires_at")
+        if expires is not None and not now < expires < _LATEST_EXPIRY:
+            raise InvalidRequest("a grant must expire in the future, in unix seconds (not milliseconds)",
+                                 param="expires_in" if self.expires_in is not None else "expires_at")
         return CreditEntry(
             id=self.id or "cr-" + uuid.uuid4().hex, tenant=tenant, kind=self.kind, amount_micros=self.amount_micros,
             at=now, expires_at=expires, request_id=self.request_id, note=self.note,
@@ -74,14 +80,25 @@ async def available(js: JetStreamContext, tenant: str) -> int:
     return await read(js, CREDITS_STREAM, credit_counter(tenant))
 
 
+async def _add_once(js: JetStreamContext, subject: str, n: int, msg_id: str) -> int | None:
+    """``add``, tried again under the same id if the first answer was lost (it lands once either way)."""
+    try:
+        return await add(js, subject, n, msg_id)
+    except Exception:
+        return await add(js, subject, n, msg_id)
+
+
 async def hold(js: JetStreamContext, tenant: str, request_id: str, amount: int) -> bool:
     """Hold ``amount`` for one request; False (and nothing held) when the credits do not cover it."""
     if amount <= 0:
         return True
-    total = await add(js, credit_counter(tenant), -amount, f"hold-{request_id}")
-    if total is None or total >= 0:
+    subject = credit_counter(tenant)
+    total = await _add_once(js, subject, -amount, f"hold-{request_id}")
+    if total is None:  # the first try landed but its answer was lost: look at the balance instead
+        total = await read(js, CREDITS_STREAM, subject)
+    if total >= 0:
         return True
-    await add(js, credit_counter(tenant), amount, f"settle-{request_id}")
+    await _add_once(js, subject, amount, f"settle-{request_id}")
     return False
 
 
@@ -95,6 +112,6 @@ async def record(js: JetStreamContext, entry: CreditEntry) -> None:
     await js.publish(credit_event_subject(entry.tenant), encode(entry), headers={MSG_ID_HEADER: entry.id})
 
 
-async def notify_ended(js: JetStreamContext, notice: HoldNotice) -> None:
-    """Tell billing a held request is over, so its hold is released if no usage ever arrives."""
+async def report_hold(js: JetStreamContext, notice: HoldNotice) -> None:
+    """Tell billing of a hold, so it is released if no usage ever arrives for its request."""
     await js.publish(hold_subject(notice.tenant), encode(notice), headers={MSG_ID_HEADER: notice.request_id})

@@ -7,7 +7,7 @@ kinds they know.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Literal, Union
 
 import msgspec
 
@@ -126,15 +126,12 @@ class UsageEvent(msgspec.Struct, frozen=True):
 
 # -- credits (JetStream EVENTS tg.event.credit.<tenant>, HOLDS tg.hold.<tenant>) --
 
-CREDIT_KINDS = ("grant", "topup", "refund", "expire")
-
-
 class CreditEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One immutable change to a tenant's credits; debits come from usage events instead."""
 
     id: str  # its Nats-Msg-Id and ledger key: retrying a change with the same id applies it once
     tenant: str
-    kind: str  # one of CREDIT_KINDS
+    kind: Literal["grant", "topup", "refund", "expire"]
     amount_micros: int  # signed: expiries are negative
     at: float
     expires_at: float | None = None  # grants that lapse; spent before grants that do not
@@ -144,7 +141,7 @@ class CreditEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class HoldNotice(msgspec.Struct, frozen=True):
-    """An edge's word that a held request ended; billing releases the hold if no usage ever comes."""
+    """An edge's word that it holds credits for a request; billing releases them if no usage ever comes."""
 
     request_id: str
     tenant: str

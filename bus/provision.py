@@ -40,6 +40,7 @@ from bus.subjects import (
 )
 
 _STREAM_EXISTS = 10058
+_RECHECK = "tollgate_recheck_through"
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
@@ -127,13 +128,16 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
             duplicate_window=2 * window,
         ),
     )
-    for name, subjects in ((EVENTS_STREAM, ["tg.event.>"]), (HOLDS_STREAM, ["tg.hold.>"])):
+    # Ledger entries and alerts are kept a month for their consumers (the ledger itself is in
+    # ClickHouse); hold reports leave once billing has dealt with them.
+    for name, subjects, retention, max_age in (
+        (EVENTS_STREAM, ["tg.event.>"], RetentionPolicy.LIMITS, 30 * 86400),
+        (HOLDS_STREAM, ["tg.hold.>"], RetentionPolicy.WORK_QUEUE, None),
+    ):
         await _ensure_stream(
             js,
-            StreamConfig(
-                name=name, subjects=subjects, retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-                duplicate_window=2 * window,
-            ),
+            StreamConfig(name=name, subjects=subjects, retention=retention, storage=StorageType.FILE,
+                         max_age=max_age, duplicate_window=2 * window),
         )
 
 
@@ -153,8 +157,13 @@ async def ensure_work_consumers(js: JetStreamContext, settings: Settings, model:
         )
 
 
-async def ensure_meter_consumer(js: JetStreamContext, settings: Settings) -> None:
-    """The meter's consumer: one ack per batch (ack-all), which acks every event delivered before it."""
+async def ensure_meter_consumer(js: JetStreamContext, settings: Settings) -> int:
+    """The meter's consumer: one ack per batch (ack-all), which acks every event delivered before it.
+
+    Returns the stream position up to which events must be looked up before being
+    stored, however often they were delivered: non-zero only after an older consumer
+    was replaced (kept in the consumer's metadata, so it outlives a restart).
+    """
     config = ConsumerConfig(
         durable_name=METER_CONSUMER,
         filter_subject="tg.usage.>",
@@ -167,14 +176,18 @@ async def ensure_meter_consumer(js: JetStreamContext, settings: Settings) -> Non
     except nats.js.errors.NotFoundError:
         current = None
     if current is not None and current.config.ack_policy != AckPolicy.ALL:
-        # An older meter acked event by event; a consumer's ack policy cannot change,
-        # so it is made anew, resuming after the last event the old one had acked.
+        # An older meter acked event by event; a consumer's ack policy cannot change, so it
+        # is made anew after the last event the old one had acked. Events it had delivered
+        # past that may be stored already: they are first deliveries to the new one.
         await js.delete_consumer(USAGE_STREAM, METER_CONSUMER)
         config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = current.ack_floor.stream_seq + 1
+        config.metadata = {_RECHECK: str(current.delivered.stream_seq)}
     elif current is not None:
         config.deliver_policy, config.opt_start_seq = current.config.deliver_policy, current.config.opt_start_seq
+        config.metadata = current.config.metadata
     await js.add_consumer(USAGE_STREAM, config)
+    return int((config.metadata or {}).get(_RECHECK, 0))
 
 
 async def ensure_billing_consumers(js: JetStreamContext, settings: Settings) -> None:

@@ -56,7 +56,7 @@ class MeterSettings(msgspec.Struct, forbid_unknown_fields=True):
     ack_wait_s: float = 30.0
     # A held request's hold is released this long after its deadline if no usage came for it.
     hold_grace_s: float = 30.0
-    # How often grants that have lapsed are looked for.
+    # How often lapsed grants are looked for, and every budget is brought up to date.
     expiry_interval_s: float = 10.0
     # Budget alert webhooks: attempts in all, and the first retry's delay (doubling after).
     webhook_attempts: int = 8

@@ -11,7 +11,7 @@ from bus.chat import ChatResults, to_body
 from bus.errors import ModelNotFound, TollgateError
 from bus.ids import new_request_id
 from bus.openai_types import ChatCompletionRequest
-from bus.protocol import ChatBody, HoldNotice
+from bus.protocol import ChatBody
 from bus.publisher import Call, Publisher
 from bus.service_tier import lane_for, tier_of
 from bus.validation import decode_json as decode_body
@@ -50,11 +50,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body, hold = prepaid_terms(spec, body, request.app["settings"].lane_multipliers.get(lane, 1.0))
     admission = await limiter.admit(policy, estimate_tokens(body))
     call: Call | None = None
-    request_id, held = new_request_id(), False
+    request_id = new_request_id()
     try:
         if hold:
-            await spending.hold(tenant, request_id, hold)
-            held = True
+            await spending.hold(tenant, request_id, hold, time.time() + publisher.deadline_s)
         async with publisher.submit(
             tenant=tenant, principal=principal.key.id, model=req.model, lane=lane, kind="chat", body=body,
             request_id=request_id, hold_micros=hold,
@@ -70,8 +69,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         used = call.final.usage if call and call.final else None
         # Without a final frame the tokens used are unknown: the estimate is given back.
         limiter.finish_soon(admission, used.prompt_tokens + used.completion_tokens if used else 0)
-        if held:
-            spending.ended(HoldNotice(request_id, tenant, hold, time.time() + publisher.deadline_s))
 
 
 class _Reply:

@@ -83,17 +83,18 @@ class SpendingGate:
                     f"{budget.amount_micros} micro-credits).", code="budget_exceeded",
                 )
 
-    async def hold(self, tenant: str, request_id: str, amount: int) -> None:
-        """Hold ``amount`` of the tenant's credits for one request, or refuse it."""
+    async def hold(self, tenant: str, request_id: str, amount: int, deadline: float) -> None:
+        """Hold ``amount`` of the tenant's credits for one request, or refuse it.
+
+        A hold taken is reported to billing at once, in the background, so it is
+        released even if this edge dies and the request never produces usage.
+        """
         if not await credits.hold(self._js, tenant, request_id, amount):
             raise InsufficientQuota(
                 "You exceeded your current quota: your credits do not cover this request's maximum cost "
                 f"({amount} micro-credits). Add credits or lower max_tokens."
             )
-
-    def ended(self, notice: HoldNotice) -> None:
-        """Report a held request as over, in the background: the response need not wait for it."""
-        task = asyncio.create_task(self._notify(notice))
+        task = asyncio.create_task(self._notify(HoldNotice(request_id, tenant, amount, deadline)))
         self._notices.add(task)
         task.add_done_callback(self._notices.discard)
 
@@ -101,9 +102,9 @@ class SpendingGate:
         delay = 0.1
         while True:  # a lost notice would leave the hold stuck if no usage ever comes
             try:
-                await credits.notify_ended(self._js, notice)
+                await credits.report_hold(self._js, notice)
                 return
             except Exception as exc:
-                log.warning("could not report the end of held request %s (%s); retrying", notice.request_id, exc)
+                log.warning("could not report the hold of request %s (%s); retrying", notice.request_id, exc)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 5.0)

@@ -27,7 +27,8 @@ async def tenant_credits(request: web.Request) -> web.Response:
 
 async def get_credits(request: web.Request) -> web.Response:
     request.app["auth"].require_admin(request)
-    return await _credits_view(request, request.match_info["tenant"])
+    tenant = await request.app["tenancy"].get_tenant(request.match_info["tenant"])
+    return await _credits_view(request, tenant.id)
 
 
 async def add_credits(request: web.Request) -> web.Response:

@@ -49,3 +49,32 @@ async def test_a_failed_batch_is_retried_first_and_no_later_ack_covers_it(tmp_pa
         info = await js.consumer_info("T", "c")
         assert info.num_ack_pending == 0 and info.num_redelivered == 0
         await nc.close()
+
+
+async def test_a_stop_while_a_batch_fails_acks_nothing_after_it(tmp_path):
+    with NatsServer(tmp_path / "nats") as server:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="T", subjects=["t.>"]))
+        await js.add_consumer("T", ConsumerConfig(durable_name="c", ack_policy=AckPolicy.ALL, ack_wait=30))
+        for i in range(20):
+            await js.publish("t.x", str(i).encode())
+        batches = Batches(nc, "T", "c", batch_size=10)
+        await batches.start()
+        stop = asyncio.Event()
+        handled: list[int] = []
+
+        async def handle(msgs, retry):
+            if int(msgs[0].data) == 0:
+                stop.set()  # billing is asked to stop while ClickHouse is away
+                raise RuntimeError("ClickHouse is away")
+            handled.append(int(msgs[0].data))
+            await msgs[-1].ack()
+
+        await asyncio.wait_for(batches.run(stop, handle), 10)
+        await batches.close()
+        assert handled == [], "the batch fetched after the failed one was not handled"
+        await nc.flush()
+        info = await js.consumer_info("T", "c")
+        assert info.ack_floor.stream_seq == 0, "nothing acked: all 20 come back"
+        await nc.close()
