@@ -92,7 +92,7 @@ async def run(n: int) -> None:
                 admission = await limiter.admit(policy, 300)
                 if policy.prepaid:
                     request_id = new_request_id()
-                    await spending.hold(principal.tenant.id, request_id, HOLD)
+                    await spending.hold(principal.tenant.id, request_id, HOLD, time.time() + 60)
                 times.append((time.perf_counter() - t) * 1000)
                 await limiter.finish(admission, 280)
                 if policy.prepaid:
