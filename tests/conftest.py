@@ -21,6 +21,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from billing.clickhouse import ClickHouse
+from billing.meter import Meter
 from billing.schema import apply_schema
 from billing.serve import Billing
 from bus.envelopes import MSG_ID_HEADER
@@ -81,8 +82,10 @@ expiry_interval_s = 0.5
 webhook_backoff_s = 0.2
 
 [models."{CHAT_MODEL}"]
-{smol}input_price = {CHAT_INPUT_PRICE}
-output_price = {CHAT_OUTPUT_PRICE}
+{smol}
+[models."{CHAT_MODEL}".prices]
+input_token = {CHAT_INPUT_PRICE}
+output_token = {CHAT_OUTPUT_PRICE}
 
 [models."{SPARE_MODEL}"]
 {smol}
@@ -289,6 +292,20 @@ async def publish_usage(js, events: list[UsageEvent]) -> None:
     await asyncio.gather(*(
         js.publish(usage_subject(e.tenant), encode(e), headers={MSG_ID_HEADER: e.request_id}) for e in events
     ))
+
+
+async def meter_dies_before_acking(meter: BillingRunner, js, events: list[UsageEvent]) -> None:
+    """Stop the session's billing, publish ``events`` and have a meter of its own store (and settle)
+    them, then die before its ack. The caller restarts ``meter`` to see the redelivery."""
+    await meter.stop()
+    await publish_usage(js, events)
+    conn = await meter.stack.connect("billing")
+    crashing = Meter(meter.stack.settings, conn, meter.ch)
+    await crashing.start()
+    batch = await crashing.fetch()
+    assert len(batch) == len(events)
+    await crashing.store(batch)
+    await conn.close()
 
 
 def request_id(completion_id: str) -> str:

@@ -12,16 +12,23 @@ from infra.nats_launcher import NatsServer
 from tests.conftest import eventually
 
 
+async def _numbered(nc, n: int) -> Batches:
+    """A stream holding the messages 0..n-1, read ten at a time through an ack-all consumer."""
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="T", subjects=["t.>"]))
+    await js.add_consumer("T", ConsumerConfig(durable_name="c", ack_policy=AckPolicy.ALL, ack_wait=30))
+    for i in range(n):
+        await js.publish("t.x", str(i).encode())
+    batches = Batches(nc, "T", "c", batch_size=10)
+    await batches.start()
+    return batches
+
+
 async def test_a_failed_batch_is_retried_first_and_no_later_ack_covers_it(tmp_path):
     with NatsServer(tmp_path / "nats") as server:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
-        await js.add_stream(StreamConfig(name="T", subjects=["t.>"]))
-        await js.add_consumer("T", ConsumerConfig(durable_name="c", ack_policy=AckPolicy.ALL, ack_wait=30))
-        for i in range(30):
-            await js.publish("t.x", str(i).encode())
-        batches = Batches(nc, "T", "c", batch_size=10)
-        await batches.start()
+        batches = await _numbered(nc, 30)
         handled: list[tuple[list[int], bool]] = []
         failures = 0
 
@@ -55,12 +62,7 @@ async def test_a_stop_while_a_batch_fails_acks_nothing_after_it(tmp_path):
     with NatsServer(tmp_path / "nats") as server:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
-        await js.add_stream(StreamConfig(name="T", subjects=["t.>"]))
-        await js.add_consumer("T", ConsumerConfig(durable_name="c", ack_policy=AckPolicy.ALL, ack_wait=30))
-        for i in range(20):
-            await js.publish("t.x", str(i).encode())
-        batches = Batches(nc, "T", "c", batch_size=10)
-        await batches.start()
+        batches = await _numbered(nc, 20)
         stop = asyncio.Event()
         handled: list[int] = []
 

@@ -14,9 +14,10 @@ from bus.envelopes import MSG_ID_HEADER
 from bus.protocol import ChatBody, ChatMessage, CreditEntry, encode
 from bus.tenancy import Tenant
 from billing.expiry import unspent
-from billing.meter import Meter
 from bus.subjects import EVENTS_STREAM, METER_CONSUMER, USAGE_STREAM, credit_event_subject
-from tests.conftest import CHAT_MODEL, admin, eventually, free_port, publish_usage, usage_event, usage_rows
+from tests.conftest import (
+    CHAT_MODEL, admin, eventually, free_port, meter_dies_before_acking, usage_event, usage_rows,
+)
 
 PROMPT = [{"role": "user", "content": "Say hi"}]
 MAX_TOKENS = 2
@@ -270,15 +271,7 @@ async def test_a_meter_crash_between_settling_and_acking_settles_each_hold_once(
     assert await credits.available(js, tenant) == 5_000
 
     before = await js.consumer_info(USAGE_STREAM, METER_CONSUMER)
-    await meter.stop()  # drive a meter by hand that dies after settling, before acking
-    await publish_usage(js, events)
-    crashing_nc = await stack.connect("billing")
-    crashing = Meter(stack.settings, crashing_nc, clickhouse)
-    await crashing.start()
-    batch = await crashing.fetch()
-    assert len(batch) == len(events)
-    await crashing.store(batch)  # inserted and settled ...
-    await crashing_nc.close()  # ... and gone before the ack
+    await meter_dies_before_acking(meter, js, events)  # inserted and settled, never acked
     assert await credits.available(js, tenant) == 10_000 - 5 * 300
     await meter.start()  # redelivered after ack_wait: stored already, settled already
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from billing.meter import Meter
 from bus.envelopes import MSG_ID_HEADER
 from bus.protocol import UsageEvent, encode
 from bus.provision import ensure_meter_consumer, provision
 from bus.settings import Settings
 from bus.subjects import METER_CONSUMER, USAGE_STREAM, usage_subject
 from infra.nats_launcher import NatsServer
-from tests.conftest import eventually, publish_usage, usage_event, usage_rows
+from tests.conftest import eventually, meter_dies_before_acking, publish_usage, usage_event, usage_rows
 
 
 def _event(i: int) -> UsageEvent:
@@ -21,17 +20,8 @@ def _event(i: int) -> UsageEvent:
 
 async def test_crash_between_insert_and_ack_leaves_no_duplicate(stack, nc, meter, clickhouse):
     js = nc.jetstream()
-    await meter.stop()  # the test drives a meter by hand, then restarts the real one
     events = [_event(i) for i in range(20)]
-    await publish_usage(js, events)
-
-    crashing_nc = await stack.connect("billing")
-    crashing = Meter(stack.settings, crashing_nc, clickhouse)
-    await crashing.start()
-    batch = await crashing.fetch()
-    assert len(batch) == len(events)
-    await crashing.store(batch)  # inserted ...
-    await crashing_nc.close()  # ... and the process dies before it acks
+    await meter_dies_before_acking(meter, js, events)  # inserted, never acked
 
     ids = [e.request_id for e in events]
     assert len(await usage_rows(clickhouse, ids, expect=len(ids))) == len(ids)
