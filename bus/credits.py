@@ -25,6 +25,7 @@ from nats.js import JetStreamContext
 from bus.counters import add, read
 from bus.envelopes import MSG_ID_HEADER
 from bus.errors import InvalidRequest
+from bus.prices import Units
 from bus.protocol import ChatBody, CreditEntry, HoldNotice, encode
 from bus.settings import ModelSpec
 from bus.subjects import CREDITS_STREAM, credit_counter, credit_event_subject, hold_subject
@@ -42,7 +43,7 @@ def max_prompt_tokens(body: ChatBody) -> int:
 
 def max_cost(spec: ModelSpec, body: ChatBody, completion_cap: int, lane_multiplier: float) -> int:
     """The most ``body`` can cost: its whole prompt and ``completion_cap`` completion tokens."""
-    return spec.cost(max_prompt_tokens(body), completion_cap, lane_multiplier)
+    return spec.prices.cost(Units(input_tokens=max_prompt_tokens(body), output_tokens=completion_cap), lane_multiplier)
 
 
 class CreditChange(msgspec.Struct, forbid_unknown_fields=True):

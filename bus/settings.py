@@ -8,13 +8,13 @@ environment variables named ``TOLLGATE_<SECTION>_<FIELD>`` (for example
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Literal, Mapping
 
 import msgspec
 
+from bus.prices import Prices
 from bus.subjects import LANES, token
 from bus.tenancy import DEFAULT_TIERS, Tier
 
@@ -77,15 +77,9 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     # Sampling defaults for requests that leave them out (as a model's generation_config would).
     temperature: float | None = None
     top_p: float | None = None
-    # Integer micro-credits per token, before the lane's multiplier.
-    input_price: int = 0
-    output_price: int = 0
+    prices: Prices = Prices()
     # Completion cap for prepaid requests that set no max_tokens: the hold must have a bound.
     default_max_tokens: int = 1024
-
-    def cost(self, input_tokens: int, output_tokens: int, lane_multiplier: float) -> int:
-        """Micro-credits for one request, rounded up to a whole micro-credit."""
-        return math.ceil((input_tokens * self.input_price + output_tokens * self.output_price) * lane_multiplier)
 
 
 DEFAULT_MODELS: dict[str, ModelSpec] = {
@@ -97,8 +91,7 @@ DEFAULT_MODELS: dict[str, ModelSpec] = {
         temperature=0.2,
         top_p=0.9,
         # Demo prices, so usage shows a cost; set your own per model.
-        input_price=1,
-        output_price=2,
+        prices=Prices(input_token=1, output_token=2),
     ),
 }
 

@@ -24,6 +24,7 @@ from bus.envelopes import MSG_ID_HEADER, open_envelope
 from bus.errors import BadEnvelope, DeadlineExceeded, TollgateError, WorkerFailed
 from bus.issuers import watch_issuers
 from bus.liveness import announced
+from bus.prices import Units
 from bus.protocol import ChatBody, Delta, Envelope, Failed, Final, Heartbeat, Started, Usage, UsageEvent, encode
 from bus.provision import ensure_work_consumers
 from bus.settings import ModelSpec, Settings
@@ -231,8 +232,9 @@ class Worker:
             input_units=result.prompt_tokens,
             output_units=result.completion_tokens,
             unit="tokens",
-            cost_micros=self.spec.cost(
-                result.prompt_tokens, result.completion_tokens, self.settings.lane_multipliers.get(envelope.lane, 1.0)
+            cost_micros=self.spec.prices.cost(
+                Units(input_tokens=result.prompt_tokens, output_tokens=result.completion_tokens),
+                self.settings.lane_multipliers.get(envelope.lane, 1.0),
             ),
             status=status,
             cache_hit=False,
