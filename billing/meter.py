@@ -12,6 +12,8 @@ import asyncio
 import logging
 from typing import Callable
 
+import msgspec
+
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -26,16 +28,8 @@ from bus.subjects import METER_CONSUMER, USAGE_STREAM
 
 log = logging.getLogger(__name__)
 
-COLUMNS = (
-    "request_id", "tenant", "principal", "model", "kind", "lane", "queued_at", "started_at",
-    "first_token_at", "finished_at", "input_units", "output_units", "unit", "cost_micros",
-    "status", "cache_hit", "worker_id", "error_code", "hold_micros",
-)
-_TIMES = {"queued_at", "started_at", "first_token_at", "finished_at"}
-
-
-def _micros(ts: float | None) -> int | None:
-    return None if ts is None else round(ts * 1_000_000)
+COLUMNS = UsageEvent.__struct_fields__  # the table's columns are the event's fields, in order
+_TIME_COLUMNS = [i for i, name in enumerate(COLUMNS) if name.endswith("_at")]
 
 
 def columns(events: list[UsageEvent]) -> list[list]:
@@ -43,10 +37,10 @@ def columns(events: list[UsageEvent]) -> list[list]:
 
     Times go as integer microseconds, which a DateTime64(6) column takes as they are.
     """
-    return [
-        [_micros(getattr(e, name)) for e in events] if name in _TIMES else [getattr(e, name) for e in events]
-        for name in COLUMNS
-    ]
+    cols = list(map(list, zip(*map(msgspec.structs.astuple, events))))
+    for i in _TIME_COLUMNS:
+        cols[i] = [None if ts is None else round(ts * 1_000_000) for ts in cols[i]]
+    return cols
 
 
 class Watermark:
