@@ -4,8 +4,11 @@ Spending draws on grants in order of expiry, soonest first (grants that never
 expire last), so what a lapsing grant still holds is found by replaying the
 tenant's ledger. The lapse is itself a ledger entry (``expire-<grant>-<n>``,
 the same id however often it is worked out), applied by the ledger writer.
-It never takes more than is available right now: credits held for requests
-in flight stay theirs, and what is left of the grant lapses on a later pass.
+A request pays from the grants live when it was queued (its debit is dated
+then), so a grant lapses only once every hold the tenant took before the
+lapse is closed: until then a request may still be paid from it. It never
+takes more than is available right now: credits held for requests in flight
+stay theirs, and what is left of the grant lapses on a later pass.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import math
 import time
 
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from billing.clickhouse import ClickHouse, utc
 from billing.meter import Watermark
 from bus import credits
 from bus.protocol import CreditEntry
+from bus.subjects import HOLDS_STREAM, hold_subject
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,15 @@ def unspent(rows: list[tuple]) -> dict[str, tuple[int, int]]:
     return {g.id: (max(g.left, 0), expiries.get(g.id, 0)) for g in grants.values()}
 
 
+async def _oldest_open_hold(js: JetStreamContext, tenant: str) -> float | None:
+    """When the tenant's oldest hold that is not closed yet was reported; None if none is open."""
+    try:
+        notice = await js.get_msg(HOLDS_STREAM, seq=1, subject=hold_subject(tenant), next=True)
+    except NotFoundError:
+        return None
+    return notice.time.timestamp()
+
+
 async def expire_lapsed(js: JetStreamContext, ch: ClickHouse, watermark: Watermark) -> int:
     """Publish an expiry for every recently lapsed grant with credits left; return how many.
 
@@ -83,9 +97,12 @@ async def expire_lapsed(js: JetStreamContext, ch: ClickHouse, watermark: Waterma
         )
         expiring = {r[0]: r[4].timestamp() for r in rows if r[1] == "grant" and r[4] is not None}
         available = await credits.available(js, tenant)
+        open_since = await _oldest_open_hold(js, tenant)
         for grant_id, (left, done) in unspent(rows).items():
             if grant_id not in expiring or expiring[grant_id] > now or left <= 0 or available <= 0:
                 continue
+            if open_since is not None and open_since <= expiring[grant_id]:
+                continue  # a request held before the lapse may still be paid from this grant
             amount = min(left, available)
             available -= amount
             await credits.record(js, CreditEntry(

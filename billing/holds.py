@@ -28,6 +28,9 @@ from bus.subjects import HOLDS_CONSUMER, HOLDS_STREAM
 log = logging.getLogger(__name__)
 
 _RECHECK_S = 1.0
+# A hold's notice is looked at again this often until usage settles it, so a notice stays in the
+# stream only about as long as its request is open (grant expiry waits for the tenant's oldest).
+_LOOK_AGAIN_S = 5.0
 
 
 class HoldSweeper(Batches):
@@ -57,7 +60,7 @@ class HoldSweeper(Batches):
                 continue
             wait = notice.deadline + self.grace_s - now
             if wait > 0:
-                await msg.nak(delay=wait)
+                await msg.nak(delay=min(wait, _LOOK_AGAIN_S))
             elif not await self._watermark.passed(notice.request_id):
                 await msg.nak(delay=_RECHECK_S)  # usage published before now is not all stored yet
             else:

@@ -7,16 +7,17 @@ import time
 from datetime import datetime, timezone
 
 import aiohttp
+import msgspec
 import pytest
 
 from bus import credits
 from bus.envelopes import MSG_ID_HEADER
-from bus.protocol import ChatBody, ChatMessage, CreditEntry, encode
+from bus.protocol import ChatBody, ChatMessage, CreditEntry, HoldNotice, encode
 from bus.tenancy import Tenant
 from billing.expiry import unspent
-from bus.subjects import EVENTS_STREAM, METER_CONSUMER, USAGE_STREAM, credit_event_subject
+from bus.subjects import EVENTS_STREAM, HOLDS_STREAM, METER_CONSUMER, USAGE_STREAM, credit_event_subject, hold_subject
 from tests.conftest import (
-    CHAT_MODEL, admin, eventually, free_port, meter_dies_before_acking, usage_event, usage_rows,
+    CHAT_MODEL, admin, eventually, free_port, meter_dies_before_acking, publish_usage, usage_event, usage_rows,
 )
 
 PROMPT = [{"role": "user", "content": "Say hi"}]
@@ -206,6 +207,36 @@ async def test_expiring_grants_are_spent_first_and_their_rest_lapses(stack, nc, 
     # The request was paid from the grant that expires first; only the rest of it lapsed.
     assert grant_id == grant["id"] and amount == -(300_000 - cost)
     assert await credits.available(nc.jetstream(), tenant) == 500_000
+
+
+async def test_a_request_held_across_a_lapse_is_paid_by_that_grant_and_takes_no_other_credits(stack, nc, meter,
+                                                                                             clickhouse):
+    js = nc.jetstream()
+    tenant = "prepaid-across-lapse"
+    await _prepaid_tenant(stack, tenant)
+    await _grant(stack, nc, tenant, 50_000, kind="topup")
+    await _grant(stack, nc, tenant, 100_000, expires_in=2)
+    # A request holds the whole grant while it is live, as the edge would, and runs past the lapse.
+    event = usage_event(tenant=tenant, principal="k", hold_micros=100_000, cost_micros=100_000)
+    assert await credits.hold(js, tenant, event.request_id, event.hold_micros)
+    await credits.report_hold(js, HoldNotice(event.request_id, tenant, event.hold_micros, time.time() + 60))
+    await asyncio.sleep(3)  # lapsed; the grant's credits are all held, the top-up's all available
+    await asyncio.sleep(2 * stack.settings.meter.expiry_interval_s)
+    assert not [r for r in await _ledger(clickhouse, tenant) if r[0] == "expire"], "the top-up must not lapse"
+
+    await publish_usage(js, [msgspec.structs.replace(event, finished_at=time.time())])
+    await usage_rows(clickhouse, [event.request_id], expect=1)
+
+    async def hold_closed():
+        info = await js.stream_info(HOLDS_STREAM, subjects_filter=hold_subject(tenant))
+        return not info.state.subjects
+
+    await eventually(hold_closed, timeout=15)
+    await asyncio.sleep(2 * stack.settings.meter.expiry_interval_s)
+    # The grant paid for the request (held while it was live) and has nothing left to lapse.
+    assert not [r for r in await _ledger(clickhouse, tenant) if r[0] == "expire"]
+    assert await credits.available(js, tenant) == 50_000
+    assert sum(r[1] for r in await _ledger(clickhouse, tenant)) == 50_000
 
 
 @pytest.mark.parametrize("change", [

@@ -18,10 +18,11 @@ CREATE TABLE IF NOT EXISTS credit_ledger
 ENGINE = ReplacingMergeTree
 ORDER BY (tenant, id);
 
--- Exactly one debit per prepaid request: usage_events never holds a request twice.
+-- Exactly one debit per prepaid request: usage_events never holds a request twice. A debit is
+-- dated when its credits were held (the request was queued): a grant live then pays for it.
 CREATE MATERIALIZED VIEW IF NOT EXISTS credit_debits_mv TO credit_ledger AS
 SELECT concat('debit-', request_id) AS id, tenant, 'debit' AS kind, -cost_micros AS amount_micros,
-       finished_at AS at, CAST(NULL, 'Nullable(DateTime64(6, \'UTC\'))') AS expires_at,
+       queued_at AS at, CAST(NULL, 'Nullable(DateTime64(6, \'UTC\'))') AS expires_at,
        CAST(NULL, 'Nullable(String)') AS grant_id, request_id, '' AS note
 FROM usage_events
 WHERE hold_micros > 0;

@@ -92,6 +92,7 @@ def permissions(role: str) -> dict:
         # Deleting its consumer is only for moving an older meter's consumer to ack-all.
         pub = [*_consume(USAGE_STREAM), f"$JS.API.CONSUMER.DELETE.{USAGE_STREAM}.{METER_CONSUMER}",
                *_consume(EVENTS_STREAM), *_consume(HOLDS_STREAM),
+               f"$JS.API.STREAM.MSG.GET.{HOLDS_STREAM}",  # a tenant's oldest open hold: when a grant may lapse
                "tg.credit.>", "tg.event.>", *_read_counters(CREDITS_STREAM),
                *_kv_read(BUDGETS_BUCKET), *_kv_write(BUDGET_STATE_BUCKET)]
         sub = [USAGE_QUERY_SUBJECT]  # it answers usage queries (allow_responses, below)
