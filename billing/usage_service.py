@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 
 _decode = msgspec.msgpack.Decoder(UsageQuery).decode
 _GROUP_SQL = {"hour": "toString(hour)", "day": "toString(toDate(hour))"}
+_LATEST = 2**32 - 1  # ClickHouse's DateTime ends in 2106
+
+
+def _time(name: str, seconds: float) -> datetime:
+    if not 0 <= seconds <= _LATEST:  # also refuses nan
+        raise InvalidRequest(f"{name} must be unix seconds from 0 to {_LATEST}", param=name)
+    return datetime.fromtimestamp(seconds, timezone.utc)
 
 
 def usage_sql(query: UsageQuery) -> tuple[str, dict]:
@@ -36,10 +43,10 @@ def usage_sql(query: UsageQuery) -> tuple[str, dict]:
         params["tenant"] = query.tenant
     if query.start is not None:
         where.append("hour >= toStartOfHour({start:DateTime})")
-        params["start"] = datetime.fromtimestamp(query.start, timezone.utc)
+        params["start"] = _time("start", query.start)
     if query.end is not None:
         where.append("hour < {end:DateTime}")
-        params["end"] = datetime.fromtimestamp(query.end, timezone.utc)
+        params["end"] = _time("end", query.end)
     groups = [f"{_GROUP_SQL.get(g, g)} AS {g}" for g in query.group_by]
     select = ", ".join([*groups, "sum(requests)", "sum(input_units)", "sum(output_units)", "sum(cost_micros)"])
     sql = f"SELECT {select} FROM usage_hour"

@@ -16,6 +16,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from bus.credits import MAX_MICROS
 from bus.errors import InvalidRequest, NotFound
 from bus.subjects import BUDGETS_BUCKET
 from bus.tenancy import valid_id
@@ -92,8 +93,8 @@ def check(budget: Budget) -> Budget:
     """Refuse a budget that cannot work; return it otherwise."""
     if not valid_id(budget.tenant) or not valid_id(budget.name):
         raise InvalidRequest("tenant and name must be 1-64 letters, digits, '-' or '_'", param="name")
-    if budget.amount_micros <= 0:
-        raise InvalidRequest("amount_micros must be positive", param="amount_micros")
+    if not 0 < budget.amount_micros <= MAX_MICROS:
+        raise InvalidRequest(f"amount_micros must be from 1 to {MAX_MICROS}", param="amount_micros")
     if (budget.period == "rolling") != (budget.window_s is not None) or not 60 <= (budget.window_s or 60) <= _MAX_WINDOW_S:
         # Spend is read from per-minute rollups: a window is at least a minute.
         raise InvalidRequest(f"a rolling budget needs window_s between 60 and {_MAX_WINDOW_S}, and only it",

@@ -31,7 +31,7 @@ from bus.settings import ModelSpec
 from bus.subjects import CREDITS_STREAM, credit_counter, credit_event_subject, hold_subject
 
 # What one ledger entry may move (ClickHouse keeps amounts as Int64), and the latest expiry (year 2200).
-_MAX_MICROS, _LATEST_EXPIRY = 2**62, 7_258_118_400.0
+MAX_MICROS, _LATEST_EXPIRY = 2**62, 7_258_118_400.0
 # Tokens a chat template may add around the messages (role markers, a default system prompt).
 _TEMPLATE_TOKENS, _MESSAGE_TOKENS = 64, 8
 
@@ -60,8 +60,8 @@ class CreditChange(msgspec.Struct, forbid_unknown_fields=True):
 
     def entry(self, tenant: str, now: float) -> CreditEntry:
         """The ledger entry this change makes, or ``InvalidRequest`` if it makes none."""
-        if not 0 < self.amount_micros <= _MAX_MICROS:
-            raise InvalidRequest(f"amount_micros must be between 1 and {_MAX_MICROS}", param="amount_micros")
+        if not 0 < self.amount_micros <= MAX_MICROS:
+            raise InvalidRequest(f"amount_micros must be from 1 to {MAX_MICROS}", param="amount_micros")
         if self.expires_at is not None and self.expires_in is not None:
             raise InvalidRequest("set expires_at or expires_in, not both", param="expires_in")
         expires = self.expires_at if self.expires_in is None else now + self.expires_in

@@ -130,7 +130,7 @@ class TenancyStore:
     async def _read(kv: KeyValue, key: str, what: str, decode):
         try:
             entry = await kv.get(key)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.InvalidKeyError):
             raise NotFound(f"no {what} {key!r}") from None
         return decode(entry.value), entry.revision
 

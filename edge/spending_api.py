@@ -8,7 +8,7 @@ from aiohttp import web
 
 from bus import credits
 from bus.credits import CreditChange
-from bus.budgets import Budget, BudgetStore
+from bus.budgets import Budget, BudgetStore, check
 from bus.validation import decode_json as decode_body
 from edge.admin import json_response
 from edge.spending import SpendingGate
@@ -56,7 +56,7 @@ def _budgets(request: web.Request) -> BudgetStore:
 async def put_budget(request: web.Request) -> web.Response:
     """POST /admin/budgets: create a budget, or replace the one with the same tenant and name."""
     store = _budgets(request)
-    budget = decode_body(await request.read(), Budget)
+    budget = check(decode_body(await request.read(), Budget))
     await request.app["tenancy"].get_tenant(budget.tenant)
     return json_response(budget_view(await store.put(budget)), 201)
 

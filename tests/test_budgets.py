@@ -178,11 +178,14 @@ async def test_webhooks_are_signed_retried_and_carry_one_idempotency_key(stack, 
 async def test_bad_budgets_are_refused(stack, meter):
     base = {"tenant": "default", "name": "bad", "amount_micros": 100}
     for change in ({"amount_micros": 0}, {"period": "rolling"}, {"window_s": 60}, {"thresholds": [0]},
-                   {"webhook_url": "ftp://example"}, {"period": "weekly"}, {"mode": "strict"}):
+                   {"webhook_url": "ftp://example"}, {"period": "weekly"}, {"mode": "strict"},
+                   {"amount_micros": 2**64}, {"tenant": "a b"}, {"tenant": ""}):
         status, body = await admin(stack, "POST", "/admin/budgets", json={**base, **change})
         assert status == 400 and body["error"]["type"] == "invalid_request_error", change
     status, body = await admin(stack, "POST", "/admin/budgets", json={**base, "tenant": "nobody"})
     assert status == 404
+    status, body = await admin(stack, "GET", "/admin/tenants/a%20b/credits")
+    assert status == 404, body
 
 
 async def test_a_rolling_budget_counts_only_its_window(stack, nc, meter, clickhouse):
