@@ -34,8 +34,10 @@ _REMEMBER_S = 32 * 86400
 
 
 class BudgetTracker:
-    def __init__(self, js: JetStreamContext, ch: ClickHouse):
+    def __init__(self, js: JetStreamContext, ch: ClickHouse, late_s: float):
         self._js, self.ch = js, ch
+        # Usage of a request queued before a period ended may be stored this long after it.
+        self._late_s = late_s
         self._published: dict[str, BudgetState] = {}
         self._alerted: set[str] = set()
         self._lock = asyncio.Lock()
@@ -87,6 +89,14 @@ class BudgetTracker:
         if last is None or (last.period, last.spent_micros) != (period, spent):
             await self._states.put(budget.id, msgspec.msgpack.encode(state))
             self._published[budget.id] = state
+        await self._alert_crossed(budget, period, spent, now)
+        start = budget.period_start(now)
+        if budget.period != "rolling" and now - start < self._late_s:
+            # Late usage counts where it was queued: the period just ended may cross a threshold yet.
+            end = start - 1e-6
+            await self._alert_crossed(budget, budget.period_key(end), await self._spent(budget, end), now)
+
+    async def _alert_crossed(self, budget: Budget, period: str, spent: int, now: float) -> None:
         for threshold in budget.thresholds:
             if spent * 100 >= threshold * budget.amount_micros and budget.alert_id(period, threshold) not in self._alerted:
                 await self._alert(budget, period, threshold, spent, now)

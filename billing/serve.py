@@ -31,7 +31,7 @@ class Billing:
     def __init__(self, settings: Settings, nc: Client, ch: ClickHouse):
         js = nc.jetstream()
         self.settings, self.js = settings, js
-        self.budgets = BudgetTracker(js, ch)
+        self.budgets = BudgetTracker(js, ch, late_s=settings.max_deadline_s + settings.meter.hold_grace_s)
         self.meter = Meter(settings, nc, ch, on_stored=self.budgets.touch)
         self.watermark = Watermark(js)
         self.ledger = LedgerWriter(settings, nc, ch)

@@ -133,6 +133,21 @@ async def test_each_period_gets_its_own_alerts(stack, nc, meter, clickhouse):
     assert await eventually(today_crossed) == [(50, yesterday.strftime("%Y-%m-%d")), (50, now.strftime("%Y-%m-%d"))]
 
 
+async def test_usage_queued_before_midnight_and_stored_after_alerts_for_its_own_day(stack, nc, meter, clickhouse):
+    await _tenant(stack, "budget-late")
+    budget = await _budget(stack, tenant="budget-late", name="daily", amount_micros=100, period="daily",
+                           thresholds=[50])
+    midnight = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    await publish_usage(nc.jetstream(), [
+        usage_event(tenant="budget-late", cost_micros=60, queued_at=midnight.timestamp() - 10),
+    ])
+    await eventually(lambda: _rows_for(clickhouse, "budget-late", 1))
+    # Billing looks just after midnight: the usage belongs to the day that ended, which crossed 50 %.
+    await meter.billing.budgets.refresh({"budget-late"}, now=midnight.timestamp() + 30)
+    yesterday = (midnight - timedelta(days=1)).strftime("%Y-%m-%d")
+    assert await _alerts(clickhouse, budget["id"]) == [(50, yesterday)]
+
+
 async def _rows_for(clickhouse, tenant: str, n: int) -> bool:
     [(count,)] = await clickhouse.query("SELECT count() FROM usage_events WHERE tenant = {t:String}", {"t": tenant})
     return count >= n
