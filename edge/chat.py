@@ -8,7 +8,7 @@ import msgspec
 from aiohttp import web
 
 from bus.chat import ChatResults, to_body
-from bus.errors import ModelNotFound, TollgateError
+from bus.errors import ModelNotFound, NoCapacity, TollgateError
 from bus.ids import new_request_id
 from bus.openai_types import ChatCompletionRequest
 from bus.protocol import ChatBody
@@ -64,6 +64,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except TollgateError as exc:
         if call is not None:
             exc.request_id = call.envelope.id  # the error response names the request, as a success would
+        elif hold and isinstance(exc, NoCapacity):  # held, then the last worker left before it was queued
+            await spending.release(tenant, request_id, hold)
         raise
     finally:
         used = call.final.usage if call and call.final else None

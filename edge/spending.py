@@ -98,6 +98,10 @@ class SpendingGate:
         self._notices.add(task)
         task.add_done_callback(self._notices.discard)
 
+    async def release(self, tenant: str, request_id: str, amount: int) -> None:
+        """Give back the hold of a request refused before it was queued: no usage will ever settle it."""
+        await credits.settle(self._js, tenant, request_id, amount, 0)
+
     async def _notify(self, notice: HoldNotice) -> None:
         delay = 0.1
         while True:  # a lost notice would leave the hold stuck if no usage ever comes
