@@ -13,7 +13,6 @@ import logging
 from typing import Callable
 
 import msgspec
-
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
