@@ -96,13 +96,15 @@ async def expire_lapsed(js: JetStreamContext, ch: ClickHouse, watermark: Waterma
             {"tenant": tenant},
         )
         expiring = {r[0]: r[4].timestamp() for r in rows if r[1] == "grant" and r[4] is not None}
+        lapsed = [(grant_id, left, done) for grant_id, (left, done) in unspent(rows).items()
+                  if grant_id in expiring and expiring[grant_id] <= now and left > 0]
+        if not lapsed:  # the usual case once a grant's rest has lapsed: no bus round trips
+            continue
         available = await credits.available(js, tenant)
         open_since = await _oldest_open_hold(js, tenant)
-        for grant_id, (left, done) in unspent(rows).items():
-            if grant_id not in expiring or expiring[grant_id] > now or left <= 0 or available <= 0:
-                continue
-            if open_since is not None and open_since <= expiring[grant_id]:
-                continue  # a request held before the lapse may still be paid from this grant
+        for grant_id, left, done in lapsed:
+            if available <= 0 or (open_since is not None and open_since <= expiring[grant_id]):
+                continue  # nothing to take now, or a request held before the lapse may still be paid from it
             amount = min(left, available)
             available -= amount
             await credits.record(js, CreditEntry(

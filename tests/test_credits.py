@@ -220,8 +220,8 @@ async def test_a_request_held_across_a_lapse_is_paid_by_that_grant_and_takes_no_
     event = usage_event(tenant=tenant, principal="k", hold_micros=100_000, cost_micros=100_000)
     assert await credits.hold(js, tenant, event.request_id, event.hold_micros)
     await credits.report_hold(js, HoldNotice(event.request_id, tenant, event.hold_micros, time.time() + 60))
-    await asyncio.sleep(3)  # lapsed; the grant's credits are all held, the top-up's all available
-    await asyncio.sleep(2 * stack.settings.meter.expiry_interval_s)
+    # Past the lapse and two expiry passes: the grant's credits are all held, the top-up's all available.
+    await asyncio.sleep(3 + 2 * stack.settings.meter.expiry_interval_s)
     assert not [r for r in await _ledger(clickhouse, tenant) if r[0] == "expire"], "the top-up must not lapse"
 
     await publish_usage(js, [msgspec.structs.replace(event, finished_at=time.time())])
