@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Annotated, Literal, Mapping
 
 import msgspec
 
@@ -64,6 +64,25 @@ class MeterSettings(msgspec.Struct, forbid_unknown_fields=True):
     webhook_timeout_s: float = 5.0
 
 
+class ProcessSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """How Tollgate's processes are run and stopped: `tollgate up`'s children, and an edge's drain."""
+
+    edges: Annotated[int, msgspec.Meta(ge=1)] = 1  # edge processes `tollgate up` starts; more than one share the port (SO_REUSEPORT)
+    workers_per_model: Annotated[int, msgspec.Meta(ge=1)] = 1
+    # A child that dies is restarted after this delay, doubled for each death in the window, up to the max.
+    restart_backoff_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5
+    restart_backoff_max_s: float = 30.0
+    # This many deaths within the window is a crash loop: that child alone is given up on.
+    crash_loop_restarts: Annotated[int, msgspec.Meta(ge=1)] = 5
+    crash_loop_window_s: float = 60.0
+    # On SIGTERM an edge stops accepting and gives requests in flight this long to finish.
+    drain_grace_s: float = 30.0
+    # How long workers, billing and nats-server get to stop after their SIGTERM before SIGKILL.
+    stop_timeout_s: float = 15.0
+    # How long `tollgate up` waits for every model to be served before it says so and serves anyway.
+    ready_timeout_s: float = 300.0
+
+
 class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     """A model the gateway serves: what it is, where its weights come from, how it runs."""
 
@@ -106,6 +125,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     edge: EdgeSettings = msgspec.field(default_factory=EdgeSettings)
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     meter: MeterSettings = msgspec.field(default_factory=MeterSettings)
+    processes: ProcessSettings = msgspec.field(default_factory=ProcessSettings)
     models: dict[str, ModelSpec] = msgspec.field(default_factory=lambda: dict(DEFAULT_MODELS))
     tiers: dict[str, Tier] = msgspec.field(default_factory=lambda: dict(DEFAULT_TIERS))
     # Price multiplier per lane: priority dearer, flex cheaper.
@@ -146,7 +166,7 @@ def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] 
     return settings
 
 
-_SECTIONS = ("nats", "edge", "worker", "meter")
+_SECTIONS = ("nats", "edge", "worker", "meter", "processes")
 _TOP_LEVEL = ("state_dir", "cache_dir", "clickhouse_dsn", "max_deadline_s")
 
 

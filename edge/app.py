@@ -102,11 +102,18 @@ def create_app(settings: Settings) -> web.Application:
 
 
 def run_edge(settings: Settings) -> None:
-    """Serve the edge until interrupted."""
+    """Serve the edge until SIGINT or SIGTERM, then drain.
+
+    Draining stops accepting at once and gives requests in flight
+    ``processes.drain_grace_s`` to finish before they are cancelled.
+    """
     web.run_app(
         create_app(settings),
         host=settings.edge.host,
         port=settings.edge.port,
+        # Several edge processes (`processes.edges`) share one port; the kernel spreads connections over them.
+        reuse_port=settings.processes.edges > 1,
+        shutdown_timeout=settings.processes.drain_grace_s,
         handler_cancellation=True,  # a client that goes away cancels its request
         access_log=None,
         print=lambda *_: log.info("edge listening on http://%s:%s", settings.edge.host, settings.edge.port),

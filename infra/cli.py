@@ -11,13 +11,14 @@ from pathlib import Path
 import uvloop
 
 from bus.settings import Settings, SettingsError, load_settings
+from infra.nats.roles import role_credentials
 from infra.spending_cli import add_commands as add_spending_commands
 
 
 def _cmd_up(settings: Settings, args) -> int:
     from infra.supervisor import up
 
-    return up(settings)
+    return up(settings, args.config_path)
 
 
 def _cmd_edge(settings: Settings, args) -> int:
@@ -261,27 +262,28 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     uvloop.install()  # the edge and workers spend their time in the event loop: uvloop's is faster
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.config_path = _config_path(args.config)
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(args.config_path)
     except (SettingsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.command in _OPERATOR_COMMANDS and not settings.nats.user:
-        settings = _local_operator(settings)
+    role = _ROLE_OF.get(args.command, "admin")
+    if args.command != "up":
+        settings = role_credentials(settings, role)
     return args.run(settings, args)
 
 
-_OPERATOR_COMMANDS = {"provision", "issuers", "tenants", "keys", "credits", "budgets"}
+# The NATS role each command runs as; every other command but `up` is an operator's (admin).
+_ROLE_OF = {"edge": "edge", "worker": "worker", "billing": "billing"}
 
 
-def _local_operator(settings: Settings) -> Settings:
-    """Operator commands next to a `tollgate up` stack use its admin credentials."""
-    import json
+def _config_path(given: str | None) -> Path | None:
+    """The settings file in force, as an absolute path: ``--config``, else $TOLLGATE_CONFIG, else ./tollgate.toml."""
+    import os
 
-    from infra.nats.roles import as_role, auth_file
-
-    path = auth_file(settings.state_dir)
-    return as_role(settings, "admin", json.loads(path.read_text())["admin"]) if path.exists() else settings
+    path = given or os.environ.get("TOLLGATE_CONFIG") or ("tollgate.toml" if Path("tollgate.toml").exists() else None)
+    return Path(path).resolve() if path else None
 
 
 if __name__ == "__main__":

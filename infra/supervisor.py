@@ -1,15 +1,15 @@
-"""``tollgate up``: the whole stack on embedded defaults, in child processes, until Ctrl-C."""
+"""``tollgate up``: the whole stack on embedded defaults, in supervised child processes, until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -29,8 +29,11 @@ from bus.tenancy import Tenant, hash_key, key_id_of
 from bus.tenancy_store import TenancyStore
 from consumers.models import resolve
 from edge.app import edge_identity_path
+from infra.children import Child, stop_group
 from infra.nats import roles
 from infra.nats_launcher import NatsServer
+
+log = logging.getLogger("tollgate.up")
 
 
 def _secret_file(path: Path, make) -> str:
@@ -83,89 +86,117 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def _wait_healthy(url: str, models: list[str], children: list[subprocess.Popen], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for child in children:
-            if child.poll() is not None:
-                raise RuntimeError(f"{' '.join(child.args[3:])} exited with {child.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                live = json.load(resp)["models"]
-            if all(live.get(m) for m in models):
-                return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError("the stack did not become healthy in time")
+class _Stop:
+    """Set by SIGTERM or SIGINT; the supervisor checks it between short, bounded steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, _frame) -> None:
+        if not self.requested:
+            log.info("%s received: draining the stack", signal.Signals(signum).name)
+        self.requested = True
 
 
-def up(settings: Settings) -> int:
-    """Start nats-server, provision, pull models, start edge, workers and billing; serve until Ctrl-C."""
-    state = Path(settings.state_dir)
+def _children(settings: Settings, env: dict[str, str], passwords: dict[str, str], admin: str) -> list[Child]:
+    """Every process of the stack, as settings ask: ``processes.edges`` edges, workers per model, billing."""
+    policy = settings.processes
+
+    def child(name: str, role: str, *args: str, extra: dict[str, str] | None = None) -> Child:
+        role_env = {**env, **roles.credentials(role, passwords[role]), **(extra or {})}
+        return Child(name, role, [sys.executable, "-m", "infra.cli", *args], role_env, policy)
+
+    # Only edges serve admin routes, so only they are handed the admin token.
+    edges = [child(f"edge#{i}", "edge", "edge", extra={"TOLLGATE_EDGE_ADMIN_TOKEN": admin})
+             for i in range(1, policy.edges + 1)]
+    workers = [child(f"worker {name}#{i}", "worker", "worker", "--model", name)
+               for name in settings.models for i in range(1, policy.workers_per_model + 1)]
+    return [child("billing", "billing", "billing"), *edges, *workers]
+
+
+def _ready(url: str, children: list[Child], models: list[str]) -> bool:
+    """The edge answers, and each model is served or every worker of it has been given up on."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            live = json.load(resp)["models"]
+    except (OSError, ValueError, KeyError):
+        return False
+    abandoned = {c.argv[-1] for c in children if c.role == "worker" and c.given_up}
+    abandoned -= {c.argv[-1] for c in children if c.role == "worker" and not c.given_up}
+    return all(live.get(m) or m in abandoned for m in models)
+
+
+def _banner(settings: Settings, base: str, server: NatsServer, port: int, key: str, admin: str,
+            children: list[Child]) -> str:
+    model = next(iter(settings.models))
+    nats_hint = "" if port == server.port else f"NATS is not on its usual port: export TOLLGATE_NATS_URL={server.url}\n"
+    given_up = "".join(f"Given up on {c.name} (crash loop; see the log above)\n" for c in children if c.given_up)
+    return (
+        f"\nTollgate is up on {base}  (NATS {server.url}, ClickHouse {settings.clickhouse})\n"
+        f"API key (tenant '{DEFAULT_TENANT}'): {key}\n"
+        f"Admin token: {admin}\n{nats_hint}{given_up}\n"
+        f"curl {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+        f"-H 'Content-Type: application/json' "
+        f"""-d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'\n\n"""
+        "Ctrl-C stops everything."
+    )
+
+
+def _drain(children: list[Child], server: NatsServer, policy) -> None:
+    """Edges first (they stop accepting and finish what is in flight, which needs workers), then the rest, then NATS."""
+    edges = [c for c in children if c.role == "edge"]
+    log.info("stopping edges (grace %g s for requests in flight)", policy.drain_grace_s)
+    stop_group(edges, policy.drain_grace_s + policy.stop_timeout_s)
+    log.info("stopping workers and billing")
+    stop_group([c for c in children if c.role != "edge"], policy.stop_timeout_s)
+    log.info("stopping nats-server")
+    server.stop()
+
+
+def up(settings: Settings, config: Path | None = None) -> int:
+    """Start nats-server, provision, pull models, start edges, workers and billing, and supervise them.
+
+    A child that dies is restarted (``processes`` settings: backoff, crash-loop limit),
+    never taking the rest down. SIGTERM or Ctrl-C, at any point, drains the stack in
+    order. ``config`` is the settings file in force, handed to every child.
+    """
+    state = Path(settings.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
-    for name, spec in settings.models.items():
-        resolve(name, spec, Path(settings.cache_dir), progress=True)
+    try:
+        for name, spec in settings.models.items():
+            resolve(name, spec, Path(settings.cache_dir), progress=True)
+    except KeyboardInterrupt:
+        return 130
+    stop = _Stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     # The configured port when free, so `tollgate tenants/keys` find the server with default settings.
     port = urlparse(settings.nats.url).port or 4222
-    passwords = roles.load_or_create(roles.auth_file(settings.state_dir), tuple(settings.services))
-    config = state / "nats.conf"
-    write_private(config, roles.render(passwords).encode())
-    server = NatsServer(state / "nats", port=port if _port_free(port) else None, config=config).start()
-    settings = msgspec.structs.replace(settings, nats=msgspec.structs.replace(settings.nats, url=server.url))
+    passwords = roles.load_or_create(roles.auth_file(str(state)), tuple(settings.services))
+    nats_config = state / "nats.conf"
+    write_private(nats_config, roles.render(passwords).encode())
+    server = NatsServer(state / "nats", port=port if _port_free(port) else None, config=nats_config).start()
+    settings = msgspec.structs.replace(settings, state_dir=str(state),
+                                       nats=msgspec.structs.replace(settings.nats, url=server.url))
+    # Children read the same file (not whatever ./tollgate.toml their working directory has) and the environment.
     env = {**os.environ, "TOLLGATE_NATS_URL": server.url, "TOLLGATE_STATE_DIR": str(state)}
-    children: list[subprocess.Popen] = []
-
-    def spawn(role: str, *args: str) -> None:
-        role_env = {**env, **roles.credentials(role, passwords[role])}
-        children.append(subprocess.Popen([sys.executable, "-m", "infra.cli", *args], env=role_env))
-
-    stop = False
-
-    def on_signal(*_):
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
+    if config is not None:
+        env["TOLLGATE_CONFIG"] = str(config.resolve())
+    children: list[Child] = []
     try:
         key, admin = asyncio.run(_bootstrap(roles.as_role(settings, "admin", passwords["admin"])))
-        env["TOLLGATE_EDGE_ADMIN_TOKEN"] = admin
-        spawn("billing", "billing")
-        spawn("edge", "edge")
-        for name in settings.models:
-            spawn("worker", "worker", "--model", name)
+        children = _children(settings, env, passwords, admin)
         base = f"http://{settings.edge.host}:{settings.edge.port}"
-        _wait_healthy(f"{base}/healthz", list(settings.models), children, timeout=300)
-        model = next(iter(settings.models))
-        nats_hint = "" if port == server.port else f"NATS is not on its usual port: export TOLLGATE_NATS_URL={server.url}\n"
-        print(
-            f"\nTollgate is up on {base}  (NATS {server.url}, ClickHouse {settings.clickhouse})\n"
-            f"API key (tenant '{DEFAULT_TENANT}'): {key}\n"
-            f"Admin token: {admin}\n{nats_hint}\n"
-            f"curl {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
-            f"-H 'Content-Type: application/json' "
-            f"""-d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'\n\n"""
-            "Ctrl-C stops everything.",
-            flush=True,
-        )
-        while not stop and all(child.poll() is None for child in children):
+        ready_by = time.monotonic() + settings.processes.ready_timeout_s
+        announced = False
+        while not stop.requested:
+            now = time.monotonic()
+            for child in children:
+                child.tend(now)
+            if not announced and (_ready(f"{base}/healthz", children, list(settings.models)) or now > ready_by):
+                print(_banner(settings, base, server, port, key, admin, children), flush=True)
+                announced = True
             time.sleep(0.2)
-        dead = [c for c in children if c.poll() is not None]
-        if dead and not stop:
-            print(f"{' '.join(dead[0].args[3:])} exited with {dead[0].returncode}; stopping", file=sys.stderr)
-            return 1
-        return 0
-    except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        server.stop()
+        _drain(children, server, settings.processes)

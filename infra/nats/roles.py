@@ -139,7 +139,18 @@ def as_role(settings, role: str, password: str):
 
 
 def auth_file(state_dir: str) -> Path:
+    """Where ``tollgate up`` keeps every role's password: ``<state_dir>/nats-auth.json`` (mode 0600)."""
     return Path(state_dir, "nats-auth.json")
+
+
+def role_credentials(settings, role: str):
+    """``settings`` connecting as ``role``: credentials already set (``TOLLGATE_NATS_USER`` …) win,
+    else the role's password from the state directory's ``nats-auth.json``, which a local stack writes."""
+    path = auth_file(settings.state_dir)
+    if settings.nats.user or not path.exists():
+        return settings
+    password = json.loads(path.read_text()).get(role)
+    return as_role(settings, role, password) if password else settings
 
 
 def load_or_create(path: Path, services: tuple[str, ...] = ()) -> dict[str, str]:
