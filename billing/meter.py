@@ -1,15 +1,24 @@
 """The metering consumer: USAGE stream -> ClickHouse ``usage_events``, exactly one row per request.
 
-A batch is acked only after its insert returns and its credit holds are
-settled. If the meter dies in between, the batch is redelivered: ids already
-stored are skipped, so the table never holds a request twice, and a
-settlement carries the request's message id, so it lands once.
+Each event is acked on its own (explicit acks), and only after its insert
+returned and its credit hold was settled: an ack never covers an event this
+meter did not store, so a meter that dies mid-batch — or a second meter
+beside it — cannot acknowledge past usage that is not stored. A redelivered
+event whose id is stored already is skipped, so the table never holds a
+request twice, and a settlement carries the request's message id, so it
+lands once.
+
+Nothing is stored that is not bound to an admitted request (``bus.envelopes.
+open_usage``). What cannot be stored — a report that fails those checks, or an
+event ClickHouse refuses ``store_attempts`` times — is moved to the
+dead-letter stream with the reason, and everything behind it flows on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Callable
 
 import msgspec
@@ -17,10 +26,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from billing.batches import Batches, delivery
+from billing.batches import Batches, ack_each, delivery
 from billing.clickhouse import ClickHouse
+from billing.dead_letters import dead_letter
 from bus import credits
-from bus.protocol import UsageEvent, decode_usage
+from bus.envelopes import open_usage
+from bus.errors import BadUsage
+from bus.issuers import watch_issuers
+from bus.protocol import UsageEvent
 from bus.provision import ensure_meter_consumer
 from bus.settings import Settings
 from bus.subjects import METER_CONSUMER, USAGE_STREAM
@@ -76,35 +89,40 @@ class Meter(Batches):
         self.ch = ch
         self._on_stored = on_stored  # told which tenants' usage changed (budgets follow it)
         self._recheck_through = 0
+        self._failures = 0  # consecutive failed tries of the batch in hand
 
     async def start(self) -> None:
         # Events up to this stream position may have been stored by a meter whose consumer was replaced.
         self._recheck_through = await ensure_meter_consumer(self._js, self.settings)
+        self._issuers = await watch_issuers(self._js)
         await super().start()
 
-    async def store(self, msgs: list[Msg], retry: bool = False) -> list[Msg]:
-        """Insert the batch's new events and settle its holds; return the messages that may now be acked.
+    async def close(self) -> None:
+        await super().close()
+        await self._issuers.stop()
 
-        Malformed events are terminated and logged, never inserted. ``retry``: the
+    async def store(self, msgs: list[Msg], retry: bool = False) -> list[Msg]:
+        """Insert the batch's new events and settle their holds; return the messages that may now be acked.
+
+        A report that fails its checks is dead-lettered, never inserted. ``retry``: the
         batch was handled before and may be stored already, so every id is looked up.
         """
         events: dict[str, UsageEvent] = {}
+        by_id: dict[str, list[Msg]] = {}
         redelivered: list[UsageEvent] = []
-        keep: list[Msg] = []
         for msg in msgs:
             try:
-                event = decode_usage(msg.data)
-            except Exception:
-                log.error("terminated a malformed usage event on %s", msg.subject)
-                await msg.term()
+                event = open_usage(msg.data, msg.headers, self._issuers.get, self.settings.max_deadline_s)
+            except BadUsage as exc:
+                await dead_letter(self._js, msg, "usage", str(exc))
                 continue
             events.setdefault(event.request_id, event)
-            keep.append(msg)
+            by_id.setdefault(event.request_id, []).append(msg)
             delivered, seq = delivery(msg)
             if retry or delivered > 1 or seq <= self._recheck_through:
                 redelivered.append(event)
         if not events:
-            return keep
+            return []
         # Only a redelivered event can be stored already: the stream itself drops a republished
         # one (same Nats-Msg-Id) inside its dedupe window, so first deliveries skip the lookup.
         known = set()
@@ -117,19 +135,41 @@ class Meter(Batches):
             known = {request_id for (request_id,) in stored}
         new = [e for request_id, e in events.items() if request_id not in known]
         if new:
-            await self.ch.insert_columns("usage_events", columns(new), COLUMNS)
+            new = await self._insert(new, by_id)
         # Settled for stored and new alike: a redelivered batch may have died before settling.
+        # Past the counter's dedupe window a settlement could count twice: those are left to
+        # billing's sweeper, which settles a stored request's hold once, from its notice.
+        fresh_after = time.time() - credits.settle_window_s(self.settings)
         await asyncio.gather(*(
             credits.settle(self._js, e.tenant, e.request_id, e.hold_micros, e.cost_micros)
-            for e in events.values() if e.hold_micros > 0
+            for e in events.values() if e.hold_micros > 0 and e.queued_at > fresh_after and e.request_id in by_id
         ))
         if new and self._on_stored is not None:
             self._on_stored({e.tenant for e in new})
-        return keep
+        return [msg for request_id in events if request_id in by_id for msg in by_id[request_id]]
 
-    async def ack(self, msgs: list[Msg]) -> None:
-        if msgs:
-            await msgs[-1].ack()  # ack-all: acks the whole batch, and everything delivered before it
+    async def _insert(self, new: list[UsageEvent], by_id: dict[str, list[Msg]]) -> list[UsageEvent]:
+        """Insert ``new``; after ``store_attempts`` failed tries, one by one, dead-lettering what still fails.
+
+        Returns what was stored; the messages of dead-lettered events leave ``by_id``.
+        """
+        try:
+            await self.ch.insert_columns("usage_events", columns(new), COLUMNS)
+            return new
+        except Exception:
+            self._failures += 1
+            if self._failures < self.settings.meter.store_attempts:
+                raise
+        stored = []
+        for event in new:
+            try:
+                await self.ch.insert_columns("usage_events", columns([event]), COLUMNS)
+                stored.append(event)
+            except Exception as exc:
+                for msg in by_id.pop(event.request_id):
+                    await dead_letter(self._js, msg, "usage", f"ClickHouse refused it: {exc}")
+        return stored
 
     async def handle(self, msgs: list[Msg], retry: bool = False) -> None:
-        await self.ack(await self.store(msgs, retry))
+        await ack_each(await self.store(msgs, retry))
+        self._failures = 0

@@ -45,9 +45,14 @@ def to_body(req: ChatCompletionRequest, spec: ModelSpec | None) -> ChatBody:
         raise InvalidRequest("Stop sequences must not be empty.", param="stop")
     if req.stream_options is not None and not req.stream:
         raise InvalidRequest("stream_options is only allowed when stream is true.", param="stream_options")
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    if spec is not None and max_tokens is not None and max_tokens > spec.context_tokens:
+        # Refused before admission: a cap the model can never reach would only reserve quota.
+        raise InvalidRequest(f"max_tokens is {max_tokens}, more than this model's context of "
+                             f"{spec.context_tokens} tokens.", param="max_tokens")
     return ChatBody(
         messages=[ChatMessage(m.role, _text(m, i)) for i, m in enumerate(req.messages)],
-        max_tokens=req.max_completion_tokens or req.max_tokens,
+        max_tokens=max_tokens,
         temperature=spec.temperature if req.temperature is None and spec else req.temperature,
         top_p=spec.top_p if req.top_p is None and spec else req.top_p,
         stop=stop,

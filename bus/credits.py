@@ -27,7 +27,7 @@ from bus.envelopes import MSG_ID_HEADER
 from bus.errors import InvalidRequest
 from bus.prices import Units
 from bus.protocol import ChatBody, CreditEntry, HoldNotice, encode
-from bus.settings import ModelSpec
+from bus.settings import ModelSpec, Settings
 from bus.subjects import CREDITS_STREAM, credit_counter, credit_event_subject, hold_subject
 
 # What one ledger entry may move (ClickHouse keeps amounts as Int64), and the latest expiry (year 2200).
@@ -101,6 +101,16 @@ async def hold(js: JetStreamContext, tenant: str, request_id: str, amount: int) 
         return True
     await _add_once(js, subject, amount, f"settle-{request_id}")
     return False
+
+
+def settle_window_s(settings: Settings) -> float:
+    """How long after a request was created its settlement still lands once, whoever sends it.
+
+    The CREDITS stream drops a repeated ``settle-<request>`` for twice the longest deadline
+    after the first; a hold is settled no earlier than its request's creation. Less a margin
+    for clocks that disagree.
+    """
+    return 2 * settings.max_deadline_s - min(60.0, settings.max_deadline_s / 2)
 
 
 async def settle(js: JetStreamContext, tenant: str, request_id: str, hold_micros: int, cost_micros: int) -> None:

@@ -117,6 +117,32 @@ class NoCapacity(TollgateError):
     code = "model_unavailable"
 
 
+class PayloadTooLarge(TollgateError):
+    """A request body larger than the gateway (or its message bus) can carry."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UsageServiceUnavailable(TollgateError):
+    """The usage query service (in the billing process) is not answering."""
+
+    status = 503
+    type = "server_error"
+    code = "usage_service_unavailable"
+
+
+class QueueFull(NoCapacity):
+    """The model's queue for this lane is full: refused at once, to be retried after ``retry_after_s``."""
+
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class DeadlineExceeded(TollgateError):
     status = 504
     type = "timeout"
@@ -125,6 +151,10 @@ class DeadlineExceeded(TollgateError):
 
 class BadEnvelope(Exception):
     """A bus message that must be terminated unrun: malformed, forged, untrusted or expired."""
+
+
+class BadUsage(BadEnvelope):
+    """A usage report that must not be billed: unsigned, forged, or not bound to an admitted request."""
 
 
 _BY_STATUS: dict[int, type[TollgateError]] = {

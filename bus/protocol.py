@@ -7,13 +7,21 @@ kinds they know.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import msgspec
+from msgspec import Meta
 
 from bus.errors import ErrorInfo
+from bus.subjects import token as _token
 
 SCHEMA_VERSION = 1
+
+# Every number that crosses the bus is checked where it is decoded: finite and in range.
+# Times are unix seconds up to 2200; amounts fit ClickHouse's Int64 with room to add them up.
+Seconds = Annotated[float, Meta(ge=0, le=7_258_118_400.0)]
+Micros = Annotated[int, Meta(ge=0, le=2**62)]
+Count = Annotated[int, Meta(ge=0, le=2**40)]
 
 
 # -- request bodies ---------------------------------------------------------
@@ -28,11 +36,11 @@ class ChatBody(msgspec.Struct, tag="chat", frozen=True):
     """A chat completion request, already validated by its publisher."""
 
     messages: list[ChatMessage]
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    max_tokens: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
     stop: list[str] = []
-    seed: int | None = None
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     # False: the worker sends heartbeats and one final frame holding the whole text.
     stream: bool = True
 
@@ -50,22 +58,46 @@ class Envelope(msgspec.Struct, frozen=True):
     kind: str
     model: str
     lane: str
-    created: float  # unix seconds
-    deadline: float  # unix seconds; past it the work is dropped unrun
+    created: Seconds
+    deadline: Seconds  # past it the work is dropped unrun
     reply: str
     body: RequestBody
     trace: dict[str, str] = {}
     v: int = SCHEMA_VERSION
     # Micro-credits held for this request at admission (prepaid tenants); settled from its usage.
-    hold_micros: int = 0
+    hold_micros: Micros = 0
+
+    def ticket(self) -> "Ticket":
+        """What the issuer vouches it admitted, without the body: the meter checks usage against it."""
+        return Ticket(self.id, self.tenant, self.principal, self.issuer, self.kind, self.model, self.lane,
+                      self.created, self.deadline, self.hold_micros)
+
+
+class Ticket(msgspec.Struct, frozen=True, array_like=True):
+    """An admitted request as its issuer signed it (header ``Tg-Ticket-Sig``), carried into its usage.
+
+    A usage event is billed only if it matches a ticket signed by a trusted issuer: no one
+    can bill a request that was never admitted, or settle a hold that was never taken.
+    """
+
+    id: str
+    tenant: str
+    principal: str
+    issuer: str
+    kind: str
+    model: str
+    lane: str
+    created: Seconds
+    deadline: Seconds
+    hold_micros: Micros
 
 
 # -- reply frames (core NATS, tg.reply.<edge>.<request>) ---------------------
 
 
 class Usage(msgspec.Struct, frozen=True):
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: Count
+    completion_tokens: Count
 
 
 class Started(msgspec.Struct, tag="started", frozen=True):
@@ -109,19 +141,28 @@ class UsageEvent(msgspec.Struct, frozen=True):
     model: str
     kind: str
     lane: str
-    queued_at: float
-    started_at: float
-    first_token_at: float | None
-    finished_at: float
-    input_units: int
-    output_units: int
+    queued_at: Seconds
+    started_at: Seconds
+    first_token_at: Seconds | None
+    finished_at: Seconds
+    input_units: Count
+    output_units: Count
     unit: str
-    cost_micros: int
-    status: str  # ok | error | cancelled
+    cost_micros: Micros
+    status: Literal["ok", "error", "cancelled"]
     cache_hit: bool
     worker_id: str
     error_code: str | None = None
-    hold_micros: int = 0  # copied from the envelope: what the meter settles against cost_micros
+    hold_micros: Micros = 0  # copied from the envelope: what the meter settles against cost_micros
+
+
+class UsageReport(msgspec.Struct, frozen=True):
+    """A usage event as a worker publishes it: with the ticket (and its issuer's signature) of the
+    request it ran. The worker signs the report's bytes with its own registered key."""
+
+    event: UsageEvent
+    ticket: Ticket
+    ticket_sig: str
 
 
 # -- credits (JetStream EVENTS tg.event.credit.<tenant>, HOLDS tg.hold.<tenant>) --
@@ -132,9 +173,9 @@ class CreditEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: str  # its Nats-Msg-Id and ledger key: retrying a change with the same id applies it once
     tenant: str
     kind: Literal["grant", "topup", "refund", "expire"]
-    amount_micros: int  # signed: expiries are negative
-    at: float
-    expires_at: float | None = None  # grants that lapse; spent before grants that do not
+    amount_micros: Annotated[int, Meta(ge=-(2**62), le=2**62)]  # signed: expiries are negative
+    at: Seconds
+    expires_at: Seconds | None = None  # grants that lapse; spent before grants that do not
     grant_id: str | None = None  # expire: the grant whose unspent rest lapsed
     request_id: str | None = None  # refund: the request refunded
     note: str = ""
@@ -145,8 +186,8 @@ class HoldNotice(msgspec.Struct, frozen=True):
 
     request_id: str
     tenant: str
-    hold_micros: int
-    deadline: float
+    hold_micros: Micros
+    deadline: Seconds
 
 
 class BudgetAlert(msgspec.Struct, frozen=True):
@@ -205,16 +246,32 @@ class WorkerAnnouncement(msgspec.Struct, frozen=True):
 
 
 class IssuerGrant(msgspec.Struct, frozen=True):
-    """Who may publish work, and for which tenants (``"*"`` for any)."""
+    """A trusted signing key: who it is, what it may sign, and for which tenants (``"*"`` for any).
+
+    ``edge``: publishes work and may hold credits for it; ``service``: publishes work (SDK),
+    never with a hold; ``worker``: signs the usage of the work it ran, and publishes no work.
+    """
 
     name: str
     tenants: list[str]
+    role: Literal["edge", "service", "worker"] = "service"
 
     def may_bill(self, tenant: str) -> bool:
         return "*" in self.tenants or tenant in self.tenants
 
+    def owns_reply(self, publisher: str) -> bool:
+        """Whether replies may go to ``tg.reply.<publisher>.*`` for this issuer's work.
+
+        Edges reply to their own process ids (``edge-…``); a service to its own name,
+        the one subject its NATS user may read.
+        """
+        if self.role == "edge":
+            return publisher.startswith("edge-")
+        return self.role == "service" and publisher == _token(self.name)
+
 
 _envelope_encoder = msgspec.msgpack.Encoder()
+_report_decoder = msgspec.msgpack.Decoder(UsageReport)
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
 _frame_decoder = msgspec.msgpack.Decoder(Frame)
 _usage_decoder = msgspec.msgpack.Decoder(UsageEvent)
@@ -235,6 +292,10 @@ def decode_frame(data: bytes) -> Frame:
 
 def decode_usage(data: bytes) -> UsageEvent:
     return _usage_decoder.decode(data)
+
+
+def decode_report(data: bytes) -> UsageReport:
+    return _report_decoder.decode(data)
 
 
 def decode_credit(data: bytes) -> CreditEntry:

@@ -8,6 +8,7 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    DiscardPolicy,
     KeyValueConfig,
     RetentionPolicy,
     StorageType,
@@ -20,6 +21,7 @@ from bus.subjects import (
     BUDGETS_BUCKET,
     CANCELLED_BUCKET,
     CREDITS_STREAM,
+    DEAD_LETTER_STREAM,
     EVENTS_STREAM,
     HOLDS_CONSUMER,
     HOLDS_STREAM,
@@ -41,6 +43,7 @@ from bus.subjects import (
 
 _STREAM_EXISTS = 10058
 _RECHECK = "tollgate_recheck_through"
+_UPGRADE_GUARD = "meter_upgrade_guard"
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
@@ -79,6 +82,12 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
             max_age=window,
             # A replay inside the window is dropped; no deadline outlives it.
             duplicate_window=window,
+            # Bounded per model and lane: a full lane refuses the publish at once (the edge
+            # answers 503 queue_full with Retry-After) instead of queueing past any deadline.
+            max_msgs_per_subject=settings.worker.max_queued,
+            max_bytes=settings.worker.queue_max_bytes,
+            discard=DiscardPolicy.NEW,
+            discard_new_per_subject=True,
         ),
     )
     await _ensure_stream(
@@ -86,12 +95,23 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
         StreamConfig(
             name=USAGE_STREAM,
             subjects=["tg.usage.>"],
-            retention=RetentionPolicy.LIMITS,
+            # Kept exactly until the meter has stored (and acked) it; replays come from ClickHouse.
+            retention=RetentionPolicy.INTEREST,
             storage=StorageType.FILE,
             # A redelivered request republishes its usage event under the same
             # Nats-Msg-Id; redelivery stops at the deadline, so this covers it.
             duplicate_window=2 * window,
+            # Full (billing far behind): publishes fail and workers retry, nothing unstored is dropped.
+            max_bytes=settings.meter.usage_max_bytes,
+            discard=DiscardPolicy.NEW,
         ),
+    )
+    # Interest retention keeps only what a consumer wants: the meter's must exist before any usage.
+    await ensure_meter_consumer(js, settings)
+    await _ensure_stream(
+        js,
+        StreamConfig(name=DEAD_LETTER_STREAM, subjects=["tg.dead.>"], storage=StorageType.FILE,
+                     max_age=30 * 86400, max_bytes=1024**3, duplicate_window=2 * window),
     )
     liveness_ttl = 3 * settings.worker.liveness_s
     for config in (
@@ -158,16 +178,18 @@ async def ensure_work_consumers(js: JetStreamContext, settings: Settings, model:
 
 
 async def ensure_meter_consumer(js: JetStreamContext, settings: Settings) -> int:
-    """The meter's consumer: one ack per batch (ack-all), which acks every event delivered before it.
+    """The meter's consumer: explicit acks, so an ack covers exactly the event it names.
 
-    Returns the stream position up to which events must be looked up before being
-    stored, however often they were delivered: non-zero only after an older consumer
-    was replaced (kept in the consumer's metadata, so it outlives a restart).
+    (An ack-all consumer let a restarted meter's first ack cover a dead meter's batch
+    still waiting to be redelivered: that usage was lost.) Returns the stream position
+    up to which events must be looked up before being stored, however often they were
+    delivered: non-zero only after an older consumer was replaced (kept in the
+    consumer's metadata, so it outlives a restart).
     """
     config = ConsumerConfig(
         durable_name=METER_CONSUMER,
         filter_subject="tg.usage.>",
-        ack_policy=AckPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.meter.ack_wait_s,
         max_ack_pending=-1,
     )
@@ -175,15 +197,24 @@ async def ensure_meter_consumer(js: JetStreamContext, settings: Settings) -> int
         current = await js.consumer_info(USAGE_STREAM, METER_CONSUMER)
     except nats.js.errors.NotFoundError:
         current = None
-    if current is not None and current.config.ack_policy != AckPolicy.ALL:
-        # An older meter acked event by event; a consumer's ack policy cannot change, so it
+    if current is not None and current.config.ack_policy != AckPolicy.EXPLICIT:
+        # An older meter acked whole batches; a consumer's ack policy cannot change, so it
         # is made anew after the last event the old one had acked. Events it had delivered
         # past that may be stored already: they are first deliveries to the new one.
-        await js.delete_consumer(USAGE_STREAM, METER_CONSUMER)
         config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = current.ack_floor.stream_seq + 1
         config.metadata = {_RECHECK: str(current.delivered.stream_seq)}
-    elif current is not None:
+        # USAGE keeps only what some consumer still wants: a guard holds the unacked events
+        # while the meter's consumer is deleted and made again.
+        guard = ConsumerConfig(durable_name=_UPGRADE_GUARD, filter_subject="tg.usage.>",
+                               ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                               opt_start_seq=config.opt_start_seq)
+        await js.add_consumer(USAGE_STREAM, guard)
+        await js.delete_consumer(USAGE_STREAM, METER_CONSUMER)
+        await js.add_consumer(USAGE_STREAM, config)
+        await js.delete_consumer(USAGE_STREAM, _UPGRADE_GUARD)
+        return int(config.metadata[_RECHECK])
+    if current is not None:
         config.deliver_policy, config.opt_start_seq = current.config.deliver_policy, current.config.opt_start_seq
         config.metadata = current.config.metadata
     await js.add_consumer(USAGE_STREAM, config)

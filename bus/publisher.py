@@ -13,11 +13,12 @@ import logging
 import time
 from typing import AsyncIterator
 
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus.envelopes import seal
-from bus.errors import DeadlineExceeded, NoCapacity, TollgateError, WorkerFailed
+from bus.errors import DeadlineExceeded, NoCapacity, QueueFull, TollgateError, WorkerFailed
 from bus.ids import new_request_id
 from bus.liveness import LiveWorkers
 from bus.protocol import Delta, Envelope, Failed, Final, Frame, RequestBody, Started, decode_frame
@@ -25,6 +26,9 @@ from bus.signing import Identity
 from bus.subjects import CANCELLED_BUCKET, WORKERS_BUCKET, cancel_subject, reply_subject, reply_wildcard, request_subject
 
 log = logging.getLogger(__name__)
+
+# JetStream's answer when a stream (or one subject of it) is at its limit and discards new messages.
+_STREAM_FULL = 10077
 
 
 class Call:
@@ -138,12 +142,19 @@ class Publisher:
         data, headers = seal(envelope, self.identity, self.deadline_s)
         call = Call(envelope, self.silence_s)
         self._calls[request_id] = call
+        queued = True  # unless refused: a publish whose answer was lost may have landed
         try:
-            await self.js.publish(request_subject(lane, model), data, headers=headers)
+            try:
+                await self.js.publish(request_subject(lane, model), data, headers=headers)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == _STREAM_FULL:  # this model's lane holds max_queued already
+                    queued = False
+                    raise QueueFull(f"The queue for '{model}' is full right now. Try again shortly.") from None
+                raise
             yield call
         finally:
             del self._calls[request_id]
-            if not call.done:
+            if queued and not call.done:
                 await asyncio.shield(self._cancel(request_id))
 
     async def _cancel(self, request_id: str) -> None:

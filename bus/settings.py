@@ -47,6 +47,14 @@ class WorkerSettings(msgspec.Struct, forbid_unknown_fields=True):
     liveness_s: float = 2.0  # how often a worker re-announces itself
     ack_wait_s: float = 30.0
     max_deliver: int = 5
+    # Requests queued per model and lane before new ones are refused at once (503 queue_full,
+    # with Retry-After) instead of waiting out their deadline; and the whole queue's size.
+    max_queued: int = 1000
+    queue_max_bytes: int = 4 * 1024**3
+    # Lane shares when several lanes have work: each lane is served in proportion to its
+    # weight, so a flood on a high lane slows the lower ones but never stops them.
+    lane_weights: dict[str, int] = msgspec.field(
+        default_factory=lambda: {"critical": 8, "high": 4, "normal": 2, "batch": 1})
 
 
 class MeterSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -54,6 +62,12 @@ class MeterSettings(msgspec.Struct, forbid_unknown_fields=True):
 
     batch_size: int = 10_000  # the most events per ClickHouse insert; fewer when fewer are waiting
     ack_wait_s: float = 30.0
+    # Tries of a batch ClickHouse refuses before its events are stored one by one and the ones
+    # still refused are dead-lettered, so one bad event cannot stop billing.
+    store_attempts: int = 3
+    # Usage waiting to be stored; when full, workers' usage publishes fail (and are retried,
+    # the work kept in progress) rather than anything unstored being dropped.
+    usage_max_bytes: int = 4 * 1024**3
     # A held request's hold is released this long after its deadline if no usage came for it.
     hold_grace_s: float = 30.0
     # How often lapsed grants are looked for, and every budget is brought up to date.
@@ -62,6 +76,9 @@ class MeterSettings(msgspec.Struct, forbid_unknown_fields=True):
     webhook_attempts: int = 8
     webhook_backoff_s: float = 2.0
     webhook_timeout_s: float = 5.0
+    # Hosts or CIDRs webhooks may reach although they are loopback, private, link-local or
+    # metadata addresses (refused otherwise: a budget's URL must not reach inside the network).
+    webhook_allow: list[str] = []
 
 
 class ProcessSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -99,6 +116,8 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     prices: Prices = Prices()
     # Completion cap for prepaid requests that set no max_tokens: the hold must have a bound.
     default_max_tokens: int = 1024
+    # Longest sequence the model handles; a larger max_tokens is a 400 before admission.
+    context_tokens: int = 8192
 
 
 DEFAULT_MODELS: dict[str, ModelSpec] = {
@@ -192,5 +211,9 @@ def _check(settings: Settings) -> None:
         for lane in [tier.default_lane, *tier.allowed_lanes]:
             if lane not in LANES:
                 raise SettingsError(f"tier {name}: unknown lane {lane!r}; lanes are {', '.join(LANES)}")
+    for lane, weight in settings.worker.lane_weights.items():
+        if lane not in LANES or not 1 <= weight <= 1000:
+            raise SettingsError(f"worker.lane_weights: {lane!r} = {weight!r}; lanes are {', '.join(LANES)}, "
+                                "weights 1 to 1000")
     if settings.edge.request_timeout_s > settings.max_deadline_s:
         raise SettingsError("edge.request_timeout_s may not exceed max_deadline_s")

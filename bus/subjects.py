@@ -19,6 +19,8 @@ CREDITS_STREAM = "CREDITS"
 # Credit ledger entries and budget alerts, for billing, webhooks and any subscriber.
 EVENTS_STREAM = "EVENTS"
 HOLDS_STREAM = "HOLDS"
+# What billing must not or cannot store (``billing.dead_letters``), kept for an operator.
+DEAD_LETTER_STREAM = "DEADLETTER"
 BUDGETS_BUCKET = "tg_budgets"
 BUDGET_STATE_BUCKET = "tg_budget_state"
 METER_CONSUMER = "meter"
@@ -79,6 +81,10 @@ def credit_event_subject(tenant: str) -> str:
 
 def budget_event_subject(tenant: str) -> str:
     return f"tg.event.budget.{token(tenant)}"
+
+
+def dead_letter_subject(source: str) -> str:
+    return f"tg.dead.{token(source)}"
 
 
 def hold_subject(tenant: str) -> str:

@@ -1,4 +1,4 @@
-"""Pull work one message at a time, always from the highest-priority lane that has any."""
+"""Pull work one message at a time, lanes sharing the worker by weight."""
 
 from __future__ import annotations
 
@@ -14,20 +14,29 @@ _NO_WAIT = b'{"batch":1,"no_wait":true}'
 
 
 class LanePuller:
-    """Scans the model's lane consumers in priority order with no-wait pulls.
+    """Pulls the model's lane consumers one message at a time, sharing the worker by lane weight.
 
-    A no-wait pull answers at once (a message, or a 404 status), so a scan
-    never parks a message with a busy worker. Lanes known to be empty are
-    skipped until a doorbell (a publish on that lane) says otherwise, so a
-    scan usually costs one round trip; ``rescan`` forgets what is known, for
-    redeliveries, which ring no doorbell.
+    Lanes with work are served in proportion to their weights (stride scheduling):
+    each lane keeps a *pass*, advanced by ``1 / weight`` whenever it is served, and
+    the lane with the lowest pass goes first, ties to the higher lane. A flood on a
+    high lane therefore slows the lower ones but never stops them; an idle lane banks
+    no credit (its pass restarts at the clock), so a returning lane cannot monopolise
+    the worker either.
+
+    A no-wait pull answers at once (a message, or a 404 status), so a scan never parks
+    a message with a busy worker. Lanes known to be empty are skipped until a doorbell
+    (a publish on that lane) says otherwise, so a scan usually costs one round trip;
+    ``rescan`` forgets what is known, for redeliveries, which ring no doorbell.
     """
 
-    def __init__(self, nc: Client, model: str):
+    def __init__(self, nc: Client, model: str, weights: dict[str, int]):
         self._nc = nc
         self._targets = {
             lane: f"$JS.API.CONSUMER.MSG.NEXT.{REQUESTS_STREAM}.{work_consumer(model, lane)}" for lane in LANES
         }
+        self._stride = {lane: 1.0 / max(1, weights.get(lane, 1)) for lane in LANES}
+        self._pass = dict.fromkeys(LANES, 0.0)
+        self._clock = 0.0
         self._maybe = set(LANES)
         self._inbox = nc.new_inbox()
         self._sub = None
@@ -48,11 +57,14 @@ class LanePuller:
     def rescan(self) -> None:
         self._maybe = set(LANES)
 
+    def _served(self, lane: str) -> None:
+        start = max(self._pass[lane], self._clock)
+        self._clock = start
+        self._pass[lane] = start + self._stride[lane]
+
     async def next(self) -> Msg | None:
-        """The next message from the highest non-empty lane, or None if all are empty."""
-        for lane in LANES:
-            if lane not in self._maybe:
-                continue
+        """The next message by lane share, or None if all lanes are empty."""
+        for lane in sorted(self._maybe, key=lambda lane: (max(self._pass[lane], self._clock), LANES.index(lane))):
             await self._nc.publish(self._targets[lane], _NO_WAIT, reply=self._inbox)
             try:
                 msg = await self._sub.next_msg(timeout=2.0)
@@ -61,5 +73,6 @@ class LanePuller:
             if msg.headers and msg.headers.get("Status"):
                 self._maybe.discard(lane)  # 404: nothing there now
                 continue
+            self._served(lane)
             return msg
         return None

@@ -20,7 +20,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus.envelopes import MSG_ID_HEADER, open_envelope
+from bus.envelopes import MSG_ID_HEADER, TICKET_HEADER, open_envelope, seal_usage
 from bus.errors import BadEnvelope, DeadlineExceeded, TollgateError, WorkerFailed
 from bus.issuers import watch_issuers
 from bus.liveness import announced
@@ -28,6 +28,7 @@ from bus.prices import Units
 from bus.protocol import ChatBody, Delta, Envelope, Failed, Final, Heartbeat, Started, Usage, UsageEvent, encode
 from bus.provision import ensure_work_consumers
 from bus.settings import ModelSpec, Settings
+from bus.signing import Identity
 from bus.subjects import CANCEL_WILDCARD, CANCELLED_BUCKET, WORKERS_BUCKET, request_wildcard, usage_subject
 from consumers.backends.base import ChatBackend, ChatResult
 from consumers.lanes import LanePuller
@@ -53,8 +54,10 @@ class _Replies:
 class Worker:
     """Serves one model from its lane consumers, running up to ``spec.concurrency`` requests at once."""
 
-    def __init__(self, settings: Settings, model: str, backend: ChatBackend, nc: Client, worker_id: str | None = None):
+    def __init__(self, settings: Settings, model: str, backend: ChatBackend, nc: Client, identity: Identity,
+                 worker_id: str | None = None):
         self.settings = settings
+        self.identity = identity  # signs usage reports; registered with role "worker"
         self.model = model
         self.spec: ModelSpec = settings.models[model]
         self.backend = backend
@@ -78,7 +81,7 @@ class Worker:
             await self.nc.subscribe(request_wildcard(self.model), cb=self._on_doorbell),
         ]
         workers_kv = await self.js.key_value(WORKERS_BUCKET)
-        self._puller = await LanePuller(self.nc, self.model).open()
+        self._puller = await LanePuller(self.nc, self.model, self.settings.worker.lane_weights).open()
         dispatcher = asyncio.create_task(self._dispatch())
         try:
             async with announced(workers_kv, self.model, self.worker_id, self.settings.worker.liveness_s):
@@ -146,7 +149,8 @@ class Worker:
     async def handle(self, msg: Msg) -> None:
         """Run one work message to completion, or terminate it unrun if it must not run."""
         try:
-            envelope = open_envelope(msg.data, msg.headers, self._issuers.get, time.time())
+            envelope = open_envelope(msg.data, msg.headers, msg.subject, self._issuers.get, time.time(),
+                                     self.settings.max_deadline_s)
             if envelope.model != self.model:
                 raise BadEnvelope(f"envelope for {envelope.model} on {self.model}'s queue")
             if self._cancelled_ids.pop(envelope.id, None) is not None or (
@@ -162,7 +166,7 @@ class Worker:
             await msg.term()
             return
         usage = await self._run(envelope, msg)
-        await self._meter(usage, msg)
+        await self._meter(usage, envelope, msg)
         await msg.ack()
 
     async def _was_cancelled(self, request_id: str) -> bool:
@@ -251,20 +255,22 @@ class Worker:
                 await replies.send(Heartbeat)
                 await msg.in_progress()
 
-    async def _meter(self, usage: UsageEvent, msg: Msg) -> None:
-        """Publish the usage event and wait until JetStream has stored it, however long that takes.
+    async def _meter(self, usage: UsageEvent, envelope: Envelope, msg: Msg) -> None:
+        """Publish the signed usage report and wait until JetStream has stored it, however long that takes.
 
-        The work message is kept in progress meanwhile, so it is neither
-        redelivered nor acked before its usage is safe.
+        The report carries the request's ticket and its issuer's signature, so the meter can
+        tell it belongs to a request that was admitted. The work message is kept in progress
+        meanwhile, so it is neither redelivered nor acked before its usage is safe.
         """
-        data = encode(usage)
+        data, headers = seal_usage(usage, envelope.ticket(), msg.headers[TICKET_HEADER], self.identity)
+        subject = usage_subject(usage.tenant)
         delay = 0.1
         while True:
             try:
-                await self.js.publish(usage_subject(usage.tenant), data, headers={MSG_ID_HEADER: usage.request_id})
+                await self.js.publish(subject, data, headers=headers)
                 return
             except Exception as exc:
-                log.warning("usage for %s not stored yet (%s); retrying", usage.request_id, exc)
+                log.warning("usage for %s not stored yet (%s); retrying", headers[MSG_ID_HEADER], exc)
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
                 await asyncio.sleep(delay)

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from pathlib import Path
 
 
 from bus.connect import connect
+from bus.issuers import issuer_registered
 from bus.settings import ModelSpec, Settings
+from bus.signing import Identity
 from consumers.backends.base import ChatBackend
 from consumers.models import resolve
 from consumers.runtime import Worker
+
+log = logging.getLogger(__name__)
+
+
+def worker_identity_path(settings: Settings) -> Path:
+    """Where a worker keeps the key it signs usage with (registered with role ``worker``)."""
+    return Path(settings.state_dir, "keys", "worker.seed")
+
 
 def load_backend(spec: ModelSpec, path: str) -> ChatBackend:
     """Instantiate the backend named by ``spec.backend`` on the weights at ``path``."""
@@ -29,11 +40,15 @@ async def serve_model(settings: Settings, model: str, backend: ChatBackend | Non
         path = await asyncio.to_thread(resolve, model, spec, Path(settings.cache_dir))
         backend = await asyncio.to_thread(load_backend, spec, path)
     nc = await connect(settings.nats, f"tollgate-worker-{model}")
+    identity = Identity.load_or_create(worker_identity_path(settings))
+    if not await issuer_registered(nc.jetstream(), identity.public_key):
+        log.error("this worker's key %s is not registered (role worker): billing will dead-letter its usage "
+                  "(tollgate up registers it; elsewhere run `tollgate issuers add --role worker`)", identity.public_key)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await Worker(settings, model, backend, nc).run(stop)
+        await Worker(settings, model, backend, nc, identity).run(stop)
     finally:
         await nc.drain()

@@ -21,6 +21,7 @@ from bus.subjects import INFLIGHT_BUCKET, KEYS_BUCKET, TENANTS_BUCKET
 from bus.tenancy_store import TenancyStore, decode_key, decode_tenant
 from bus.watched import WatchedBucket
 from edge.admin import add_routes
+from edge.admission import Gate
 from edge.auth import Authenticator
 from edge.chat import chat_completions
 from edge.errors import error_middleware
@@ -87,8 +88,10 @@ def create_app(settings: Settings) -> web.Application:
         app["limiter"] = limiter
         app["spending"] = spending = SpendingGate(js)
         await spending.start()
+        app["gate"] = gate = Gate(settings, limiter, spending)
         app["budgets"] = await BudgetStore.open(js)
         yield
+        await gate.stop()
         await spending.stop()
         for chore in chores:
             chore.cancel()

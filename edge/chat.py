@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
 from aiohttp import web
 
 from bus.chat import ChatResults, to_body
-from bus.errors import ModelNotFound, NoCapacity, TollgateError
+from bus.errors import ModelNotFound, NoCapacity, QueueFull, TollgateError
 from bus.ids import new_request_id
 from bus.openai_types import ChatCompletionRequest
 from bus.protocol import ChatBody
 from bus.publisher import Call, Publisher
 from bus.service_tier import lane_for, tier_of
 from bus.validation import decode_json as decode_body
+from edge.admission import Gate
 from edge.errors import error_event
-from edge.ratelimit import DEFAULT_COMPLETION_ESTIMATE, RateLimiter
-from edge.spending import SpendingGate, prepaid_terms
+from edge.ratelimit import DEFAULT_COMPLETION_ESTIMATE
 
 _encode = msgspec.json.Encoder().encode
 REQUEST_ID_HEADER = "x-request-id"
@@ -32,7 +33,7 @@ def estimate_tokens(body: ChatBody) -> int:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     publisher: Publisher = request.app["publisher"]
-    limiter: RateLimiter = request.app["limiter"]
+    gate: Gate = request.app["gate"]
     principal = request.app["auth"].authenticate(request, "chat.completions")
     req = decode_body(await request.read(), ChatCompletionRequest)
     spec = request.app["settings"].model(req.model)
@@ -42,35 +43,33 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = to_body(req, spec)
     lane = lane_for(req.service_tier, policy)
     publisher.check_serving(req.model)  # before admission: a 503 costs the caller no quota
-    spending: SpendingGate = request.app["spending"]
-    tenant = principal.tenant.id
-    spending.check_budgets(tenant, principal.key.id)
-    hold = 0
-    if policy.prepaid:
-        body, hold = prepaid_terms(spec, body, request.app["settings"].lane_multipliers.get(lane, 1.0))
-    admission = await limiter.admit(policy, estimate_tokens(body))
+    admitted = await gate.admit(
+        request_id=new_request_id(), tenant=principal.tenant.id, key=principal.key.id, policy=policy, spec=spec,
+        body=body, lane=lane, estimate=estimate_tokens, deadline=time.time() + publisher.deadline_s,
+    )
     call: Call | None = None
-    request_id = new_request_id()
+    queued = True  # unknown counts as queued: then billing settles or sweeps the hold, never twice
     try:
-        if hold:
-            await spending.hold(tenant, request_id, hold, time.time() + publisher.deadline_s)
         async with publisher.submit(
-            tenant=tenant, principal=principal.key.id, model=req.model, lane=lane, kind="chat", body=body,
-            request_id=request_id, hold_micros=hold,
+            tenant=admitted.tenant, principal=principal.key.id, model=req.model, lane=lane, kind="chat",
+            body=admitted.body, request_id=admitted.request_id, hold_micros=admitted.hold,
         ) as call:
-            headers = {**admission.headers, REQUEST_ID_HEADER: call.envelope.id}
+            headers = {**admitted.limits.headers, REQUEST_ID_HEADER: call.envelope.id}
             reply = _Reply(call, req, tier_of(lane, policy.default_lane), headers)
             return await (reply.stream(request) if req.stream else reply.whole())
     except TollgateError as exc:
         if call is not None:
             exc.request_id = call.envelope.id  # the error response names the request, as a success would
-        elif hold and isinstance(exc, NoCapacity):  # held, then the last worker left before it was queued
-            await spending.release(tenant, request_id, hold)
+        else:
+            queued = not isinstance(exc, (NoCapacity, QueueFull))
         raise
     finally:
         used = call.final.usage if call and call.final else None
-        # Without a final frame the tokens used are unknown: the estimate is given back.
-        limiter.finish_soon(admission, used.prompt_tokens + used.completion_tokens if used else 0)
+        # Without a final frame the tokens used are unknown: the estimate is given back. A request
+        # refused before it was queued (no worker left, lane full) gets its hold back at once.
+        release = gate.release(admitted, published=queued,
+                               used_tokens=used.prompt_tokens + used.completion_tokens if used else 0)
+        await asyncio.shield(release)
 
 
 class _Reply:

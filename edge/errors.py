@@ -9,11 +9,35 @@ import msgspec
 import nats.errors
 from aiohttp import web
 
-from bus.errors import NoCapacity, RateLimited, TollgateError
+from bus.errors import InvalidRequest, NoCapacity, PayloadTooLarge, TollgateError
 from bus.openai_types import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
 
+# Room a request's envelope needs on the bus beyond the body itself: headers (issuer, signature,
+# ids, TTL) and envelope fields. A body that re-encodes larger is still caught at publish.
+ENVELOPE_OVERHEAD = 64 * 1024
+# Media types a JSON route takes. `application/octet-stream` is what HTTP libraries send for raw
+# bytes with no type given; it labels nothing, so it is read as JSON like a body with no type.
+_JSON_TYPES = ("application/json", "application/octet-stream")
+
+
+def check_body(request: web.Request) -> None:
+    """Refuse, before any work, a body the route cannot read as JSON or the bus cannot carry."""
+    if request.method not in ("POST", "PUT", "PATCH") or not request.body_exists:
+        return
+    kind = request.content_type  # aiohttp's default when the header is absent is octet-stream
+    if kind not in _JSON_TYPES and not kind.endswith("+json"):
+        raise InvalidRequest(f"Content-Type {kind} is not supported: send a JSON body with "
+                             "Content-Type: application/json.", code="unsupported_content_type")
+    publisher = request.app.get("publisher")
+    if publisher is not None and (request.content_length or 0) > publisher.nc.max_payload - ENVELOPE_OVERHEAD:
+        raise _too_large(publisher.nc.max_payload)
+
+
+def _too_large(max_payload: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than this gateway's message bus carries "
+                           f"({max_payload - ENVELOPE_OVERHEAD} bytes at most).")
 
 
 def _error_json(exc: TollgateError) -> bytes:
@@ -37,12 +61,15 @@ _HTTP_TYPES = {404: ("invalid_request_error", "unknown_url"), 405: ("invalid_req
 async def error_middleware(request: web.Request, handler):
     """Map typed errors, aiohttp's own HTTP errors and any bug to one OpenAI-shaped body."""
     try:
+        check_body(request)
         return await handler(request)
-    except RateLimited as exc:
-        return error_response(exc, {"Retry-After": str(math.ceil(exc.retry_after_s))})
     except TollgateError as exc:
-        request_id = getattr(exc, "request_id", None)
-        return error_response(exc, {"x-request-id": request_id} if request_id else None)
+        headers = {}
+        if getattr(exc, "request_id", None):
+            headers["x-request-id"] = exc.request_id
+        if getattr(exc, "retry_after_s", None) is not None:  # rate limits, a full queue
+            headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
+        return error_response(exc, headers or None)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -50,6 +77,9 @@ async def error_middleware(request: web.Request, handler):
         err = TollgateError(f"{exc.reason}: {request.method} {request.path}", code=code)
         err.status, err.type = exc.status, type_
         return error_response(err)
+    except nats.errors.MaxPayloadError:
+        # Only a body that re-encoded larger than its Content-Length (or sent chunked) gets here.
+        return error_response(_too_large(request.app["publisher"].nc.max_payload))
     except nats.errors.Error:
         log.exception("the bus failed on %s %s", request.method, request.path)
         return error_response(NoCapacity("The gateway's message bus is unavailable right now. Try again shortly."))

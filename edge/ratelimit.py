@@ -57,26 +57,41 @@ class MinuteBudget:
     async def take(self, n: int, now: float) -> bool:
         window = int(now // WINDOW_S)
         self._roll(window)
+        if n > self.limit:
+            return False  # can never fit: claim nothing, so nothing is hoarded for it
         if self._left < n:
             # One claim in flight per budget: the others wait for it and spend its lease.
             async with self._claiming:
                 self._roll(window)
                 if self._left < n:
-                    await self._claim(window, max(n - self._left, self._lease))
+                    await self._claim(window, n - self._left, max(n - self._left, self._lease))
         if self._left < n:
             return False
         self._left -= n
         return True
 
-    async def _claim(self, window: int, want: int) -> None:
+    async def _claim(self, window: int, need: int, want: int) -> None:
+        """Claim ``want`` from the shared counter; keep it only if at least ``need`` fits."""
         subject = rate_counter(self.metric, self.scope, window)
         total = await add(self._js, subject, want)
         granted = max(0, min(want, self.limit - (total - want)))
-        if granted < want:  # give back what did not fit, so nobody is refused for it
+        if granted < need:
+            granted = 0  # a claim that cannot cover the request is given back whole
+        if granted < want:  # give back what is not kept, so nobody is refused for it
             total = await add(self._js, subject, granted - want)
         self._roll(window)
         self._seen = max(self._seen, total)
         self._left += granted
+
+    def give_back(self, n: int, window: int) -> int:
+        """Return ``n`` taken in ``window`` by a request refused elsewhere; return what exceeds a lease,
+        which the caller hands back to the shared counter, so no edge sits on more than a lease."""
+        if window != self._window:
+            return 0  # that minute is over: its counter no longer matters
+        self._left += n
+        excess = max(0, self._left - self._lease)
+        self._left -= excess
+        return excess
 
     def remaining(self) -> int:
         return max(0, self.limit - self._seen) + self._left
@@ -191,16 +206,23 @@ class RateLimiter:
         return budget
 
     async def admit(self, policy: Policy, estimate: int) -> Admission:
-        """Charge one request and ``estimate`` tokens to every scope of ``policy``, or raise RateLimited."""
+        """Charge one request and ``estimate`` tokens to every scope of ``policy``, or raise RateLimited.
+
+        A refusal at any scope gives back what the scopes before it took. Not safe to
+        cancel half way: run it shielded (``edge.admission``).
+        """
         now = time.time()
+        window = int(now // WINDOW_S)
         reset = WINDOW_S - now % WINDOW_S
         headers: dict[str, str] = {}
         token_budgets: list[MinuteBudget] = []
+        taken: list[tuple[MinuteBudget, int]] = []
         for metric, limit_of, amount in (("requests", "rpm", 1), ("tokens", "tpm", estimate)):
             budgets = [self._budget(metric, scope, getattr(lim, limit_of)) for scope, lim in policy.limits
                        if getattr(lim, limit_of) is not None]
             for budget in budgets:
                 if not await budget.take(amount, now):
+                    self._give_back(taken, window)
                     who = "this API key" if budget.scope.startswith("k.") else "your organization"
                     model = " for this model" if ".m." in budget.scope else ""
                     raise RateLimited(
@@ -209,6 +231,7 @@ class RateLimiter:
                         kind=metric,
                         retry_after_s=reset,
                     )
+                taken.append((budget, amount))
             if budgets:
                 tightest = min(budgets, key=MinuteBudget.remaining)
                 headers[f"x-ratelimit-limit-{metric}"] = str(tightest.limit)
@@ -224,7 +247,8 @@ class RateLimiter:
                                        return_exceptions=True)
             admission.in_flight = [scope for (scope, _), ok in zip(limited, got) if ok is True]
             if not all(ok is True for ok in got):
-                await self.finish(admission, 0)
+                self._give_back(taken, window)
+                await self._release(admission)
                 failure = next((ok for ok in got if isinstance(ok, BaseException)), None)
                 if failure is not None:
                     raise NoCapacity("The rate limiter is unavailable right now. Try again shortly.") from failure
@@ -235,6 +259,13 @@ class RateLimiter:
                     retry_after_s=1,
                 )
         return admission
+
+    def _give_back(self, taken: list[tuple[MinuteBudget, int]], window: int) -> None:
+        for budget, amount in taken:
+            excess = budget.give_back(amount, window)
+            if excess:  # more than a lease: back to the shared counter with the next flush
+                subject = rate_counter(budget.metric, budget.scope, window)
+                self._corrections[subject] = self._corrections.get(subject, 0) - excess
 
     def finish_soon(self, admission: Admission, actual_tokens: int | None) -> None:
         """``finish`` off the response's path: the client need not wait for the bookkeeping."""

@@ -24,9 +24,9 @@ from billing.clickhouse import ClickHouse
 from billing.meter import Meter
 from billing.schema import apply_schema
 from billing.serve import Billing
-from bus.envelopes import MSG_ID_HEADER
+from bus.envelopes import seal_usage
 from bus.ids import new_request_id
-from bus.protocol import UsageEvent, encode
+from bus.protocol import Ticket, UsageEvent, encode
 from bus.provision import provision
 from bus.subjects import usage_subject
 from bus.issuers import register_issuer
@@ -35,6 +35,7 @@ from bus.settings import NatsSettings, load_settings
 from bus.signing import Identity
 from bus.tenancy import Tenant
 from bus.tenancy_store import TenancyStore
+from consumers.serve import worker_identity_path
 from infra.nats import roles
 from infra.nats_launcher import NatsServer, free_port
 
@@ -80,6 +81,8 @@ ack_wait_s = 2
 hold_grace_s = 1
 expiry_interval_s = 0.5
 webhook_backoff_s = 0.2
+# Test receivers listen on 127.0.0.1; every other internal address stays refused.
+webhook_allow = ["127.0.0.1"]
 
 [models."{CHAT_MODEL}"]
 {smol}
@@ -197,13 +200,16 @@ def stack(tmp_path_factory):
         js = nc.jetstream()
         await provision(js, st.settings)
         edge = Identity.load_or_create(Path(st.settings.state_dir, "keys", "edge.seed"))
-        await register_issuer(js, edge.public_key, IssuerGrant("edge", ["*"]))
+        await register_issuer(js, edge.public_key, IssuerGrant("edge", ["*"], role="edge"))
+        worker = Identity.load_or_create(worker_identity_path(st.settings))
+        await register_issuer(js, worker.public_key, IssuerGrant("worker", ["*"], role="worker"))
         store = await TenancyStore.open(js, set(st.settings.tiers))
         await store.create_tenant(Tenant(id=DEFAULT_TENANT, tier="pro"))
         _, st.api_key = await store.create_key(DEFAULT_TENANT, name="tests")
         await nc.close()
 
     asyncio.run(prepare())
+    UsageSigner.current = UsageSigner(st.settings)
     # Fetch and convert the weights once, before any worker races to do it.
     subprocess.run([sys.executable, "-m", "infra.cli", "models", "pull", CHAT_MODEL], env=st.env, cwd=ROOT, check=True)
     st.spawn("edge", "edge")
@@ -287,10 +293,26 @@ def usage_event(**fields) -> UsageEvent:
     return UsageEvent(**{**base, **fields})
 
 
+class UsageSigner:
+    """Signs usage as the stack's worker would, bound to a ticket the stack's edge signed."""
+
+    current: "UsageSigner | None" = None  # the session stack's, for tests that publish usage
+
+    def __init__(self, settings):
+        self.edge = Identity.load_or_create(Path(settings.state_dir, "keys", "edge.seed"))
+        self.worker = Identity.load_or_create(worker_identity_path(settings))
+
+    def seal(self, event: UsageEvent, ticket: Ticket | None = None) -> tuple[bytes, dict[str, str]]:
+        ticket = ticket or Ticket(event.request_id, event.tenant, event.principal, self.edge.public_key, event.kind,
+                                  event.model, event.lane, event.queued_at, event.queued_at + 60, event.hold_micros)
+        return seal_usage(event, ticket, self.edge.sign(encode(ticket)), self.worker)
+
+
 async def publish_usage(js, events: list[UsageEvent]) -> None:
-    """Publish usage events all at once, each under its request id, as workers do."""
+    """Publish usage events all at once, each under its request id and signed, as workers do."""
+    sealed = [UsageSigner.current.seal(e) for e in events]
     await asyncio.gather(*(
-        js.publish(usage_subject(e.tenant), encode(e), headers={MSG_ID_HEADER: e.request_id}) for e in events
+        js.publish(usage_subject(e.tenant), data, headers=headers) for e, (data, headers) in zip(events, sealed)
     ))
 
 
@@ -321,7 +343,7 @@ def second_edge(stack) -> str:
     async def trust():
         identity = Identity.load_or_create(state / "keys" / "edge.seed")
         nc = await stack.connect("admin")
-        await register_issuer(nc.jetstream(), identity.public_key, IssuerGrant("edge-2", ["*"]))
+        await register_issuer(nc.jetstream(), identity.public_key, IssuerGrant("edge-2", ["*"], role="edge"))
         await nc.close()
 
     asyncio.run(trust())

@@ -8,24 +8,27 @@ from pathlib import Path
 
 import msgspec
 
-from bus.envelopes import seal
+from bus.envelopes import TICKET_HEADER, seal
 from bus.ids import new_request_id
 from bus.issuers import register_issuer
 from bus.protocol import ChatBody, ChatMessage, Envelope, Final, IssuerGrant, decode_frame
 from bus.signing import SIGNATURE_HEADER, Identity
 from bus.subjects import REQUESTS_STREAM, request_subject
+from consumers.serve import worker_identity_path
 from tests.conftest import CHAT_MODEL, eventually, usage_rows
 
 BODY = ChatBody([ChatMessage("user", "Say hi.")], max_tokens=3, temperature=0)
 
 
-def _envelope(identity: Identity, tenant: str = "default", deadline_in: float = 30.0) -> Envelope:
+def _envelope(identity: Identity, tenant: str = "default", deadline_in: float = 30.0, replies: str = "edge-bustest",
+              **fields) -> Envelope:
     now = time.time()
     rid = new_request_id()
-    return Envelope(
-        id=rid, tenant=tenant, principal="svc-test", issuer=identity.public_key, kind="chat", model=CHAT_MODEL,
-        lane="normal", created=now, deadline=now + deadline_in, reply=f"tg.reply.bustest.{rid}", body=BODY,
-    )
+    return Envelope(**{
+        **dict(id=rid, tenant=tenant, principal="svc-test", issuer=identity.public_key, kind="chat", model=CHAT_MODEL,
+               lane="normal", created=now, deadline=now + deadline_in, reply=f"tg.reply.{replies}.{rid}", body=BODY),
+        **fields,
+    })
 
 
 class Replies:
@@ -54,13 +57,14 @@ async def test_only_trusted_timely_envelopes_run_and_are_metered(stack, nc, mete
     await register_issuer(js, acme_service.public_key, IssuerGrant("acme-service", ["acme"]))
     await asyncio.sleep(0.3)  # the worker's issuer mirror follows the registry by watch
 
+    worker = Identity.load_or_create(worker_identity_path(stack.settings))
     replies = Replies()
-    sub = await nc.subscribe("tg.reply.bustest.*", cb=replies.on_msg)
+    sub = await nc.subscribe("tg.reply.*.*", cb=replies.on_msg)
 
-    async def publish(envelope: Envelope, signer: Identity, headers: dict | None = None):
+    async def publish(envelope: Envelope, signer: Identity, headers: dict | None = None, lane: str = "normal"):
         data, hdrs = seal(envelope, signer, ttl_s=30)
         hdrs.update(headers or {})
-        return await js.publish(request_subject("normal", CHAT_MODEL), data, headers=hdrs)
+        return await js.publish(request_subject(lane, CHAT_MODEL), data, headers=hdrs)
 
     unknown = _envelope(stranger)
     await publish(unknown, stranger)
@@ -68,8 +72,28 @@ async def test_only_trusted_timely_envelopes_run_and_are_metered(stack, nc, mete
     await publish(forged, edge, {SIGNATURE_HEADER: stranger.sign(msgspec.msgpack.encode(forged))})
     expired = _envelope(edge, deadline_in=-1.0)
     await publish(expired, edge)
-    cross_tenant = _envelope(acme_service, tenant="globex")
+    cross_tenant = _envelope(acme_service, tenant="globex", replies="acme-service")
     await publish(cross_tenant, acme_service)
+    # Priced as batch, run as critical: the lane must be the subject's.
+    lane_swapped = _envelope(edge, lane="batch")
+    await publish(lane_swapped, edge, lane="critical")
+    # Frames sent where the issuer does not read: another service's replies, or a usage subject.
+    foreign_reply = _envelope(acme_service, tenant="acme", replies="reports")
+    await publish(foreign_reply, acme_service)
+    odd_reply = _envelope(edge)
+    odd_reply = msgspec.structs.replace(odd_reply, reply=f"tg.usage.acme.{odd_reply.id}")
+    await publish(odd_reply, edge)
+    # A life longer than the dedupe window: a replay after the window could run it again.
+    too_long = _envelope(edge, deadline_in=stack.settings.max_deadline_s + 5)
+    await publish(too_long, edge)
+    # A service may not claim a credit hold (settling it would mint credits), nor a worker publish work.
+    service_hold = _envelope(acme_service, tenant="acme", replies="acme-service", hold_micros=1_000_000)
+    await publish(service_hold, acme_service)
+    from_worker = _envelope(worker)
+    await publish(from_worker, worker)
+    # Signed, but without a valid ticket signature (its usage could not be bound to it).
+    no_ticket = _envelope(edge)
+    await publish(no_ticket, edge, {TICKET_HEADER: stranger.sign(b"x")})
     tampered = _envelope(edge)
     data, hdrs = seal(tampered, edge, ttl_s=30)
     await js.publish(request_subject("normal", CHAT_MODEL), data.replace(b"svc-test", b"svc-evil"), headers=hdrs)
@@ -77,14 +101,15 @@ async def test_only_trusted_timely_envelopes_run_and_are_metered(stack, nc, mete
     valid = _envelope(edge)
     first = await publish(valid, edge)
     replay = await publish(valid, edge)
-    own_tenant = _envelope(acme_service, tenant="acme")
+    own_tenant = _envelope(acme_service, tenant="acme", replies="acme-service")
     await publish(own_tenant, acme_service)
 
     await replies.final(valid.id)
     await replies.final(own_tenant.id)
     assert not first.duplicate and replay.duplicate, "the server drops a replay of the same request id"
 
-    bad = [unknown, forged, expired, cross_tenant, tampered]
+    bad = [unknown, forged, expired, cross_tenant, tampered, lane_swapped, foreign_reply, odd_reply, too_long,
+           service_hold, from_worker, no_ticket]
     for env in bad:
         assert env.id not in replies.frames, "a rejected envelope never produced a frame"
     assert [type(f).__name__ for f in replies.frames[valid.id]][0] == "Started"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from bus.envelopes import MSG_ID_HEADER
-from bus.protocol import UsageEvent, encode
+from bus.protocol import UsageEvent
 from bus.provision import ensure_meter_consumer, provision
 from bus.settings import Settings
 from bus.subjects import METER_CONSUMER, USAGE_STREAM, usage_subject
 from infra.nats_launcher import NatsServer
-from tests.conftest import eventually, meter_dies_before_acking, publish_usage, usage_event, usage_rows
+from tests.conftest import UsageSigner, eventually, meter_dies_before_acking, publish_usage, usage_event, usage_rows
 
 
 def _event(i: int) -> UsageEvent:
@@ -42,24 +41,11 @@ async def test_crash_between_insert_and_ack_leaves_no_duplicate(stack, nc, meter
 async def test_republished_usage_is_dropped_by_the_server(nc, meter, clickhouse):
     js = nc.jetstream()
     event = _event(1)
-    first = await js.publish(usage_subject(event.tenant), encode(event), headers={MSG_ID_HEADER: event.request_id})
-    again = await js.publish(usage_subject(event.tenant), encode(event), headers={MSG_ID_HEADER: event.request_id})
+    data, headers = UsageSigner.current.seal(event)
+    first = await js.publish(usage_subject(event.tenant), data, headers=headers)
+    again = await js.publish(usage_subject(event.tenant), data, headers=headers)
     assert not first.duplicate and again.duplicate
     assert len(await usage_rows(clickhouse, [event.request_id], expect=1)) == 1
-
-
-async def test_malformed_usage_is_terminated_not_stored(nc, meter, clickhouse):
-    js = nc.jetstream()
-    await js.publish("tg.usage.crash-test", b"\xc1 not msgpack")
-    good = _event(2)
-    await js.publish(usage_subject(good.tenant), encode(good), headers={MSG_ID_HEADER: good.request_id})
-    assert len(await usage_rows(clickhouse, [good.request_id], expect=1)) == 1
-
-    async def nothing_pending():
-        info = await js.consumer_info(USAGE_STREAM, METER_CONSUMER)
-        return info.num_ack_pending == 0 and info.num_pending == 0
-
-    await eventually(nothing_pending)
 
 
 async def test_times_and_missing_first_token_are_stored_exactly(nc, meter, clickhouse):
@@ -73,20 +59,20 @@ async def test_times_and_missing_first_token_are_stored_exactly(nc, meter, click
     assert (q, s, f, d) == (1_763_800_000_123_456, 1_763_800_000_623_456, None, 1_763_800_002_373_456)
 
 
-async def test_an_older_meter_consumer_becomes_ack_all_and_resumes_after_its_last_ack(tmp_path):
+async def test_an_older_ack_all_meter_consumer_becomes_explicit_and_resumes_after_its_last_ack(stack, tmp_path):
     with NatsServer(tmp_path / "nats") as server:
         conn = await nats.connect(server.url)
         js = conn.jetstream()
         settings = Settings()
         await provision(js, settings)
-        # What the first version made: explicit acks, one per event.
+        # What the previous version made: one ack per batch (ack-all).
+        await js.delete_consumer(USAGE_STREAM, METER_CONSUMER)
         await js.add_consumer(USAGE_STREAM, ConsumerConfig(durable_name=METER_CONSUMER, filter_subject="tg.usage.>",
-                                                           ack_policy=AckPolicy.EXPLICIT))
+                                                           ack_policy=AckPolicy.ALL))
         events = [_event(i) for i in range(5)]
         await publish_usage(js, events)
         old = await js.pull_subscribe_bind(METER_CONSUMER, USAGE_STREAM)
-        for msg in await old.fetch(2):
-            await msg.ack()
+        await (await old.fetch(2))[-1].ack()  # acks the first two
         await old.unsubscribe()
 
         async def acks_recorded():
@@ -96,8 +82,8 @@ async def test_an_older_meter_consumer_becomes_ack_all_and_resumes_after_its_las
 
         await ensure_meter_consumer(js, settings)
         info = await js.consumer_info(USAGE_STREAM, METER_CONSUMER)
-        assert info.config.ack_policy == AckPolicy.ALL
-        assert info.num_pending == 3, "the three events never acked, and only those"
+        assert info.config.ack_policy == AckPolicy.EXPLICIT
+        assert info.num_pending == 3, "the three events never acked, and only those, survived the change"
         await ensure_meter_consumer(js, settings)  # and provisioning again changes nothing
         assert (await js.consumer_info(USAGE_STREAM, METER_CONSUMER)).num_pending == 3
         await conn.close()

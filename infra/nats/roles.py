@@ -89,8 +89,10 @@ def permissions(role: str) -> dict:
                *_kv_read(ISSUERS_BUCKET), *_kv_read(CANCELLED_BUCKET)]
         sub = ["tg.req.>", "tg.cancel.>"]  # the doorbell and cancels; never publish work
     elif role == "billing":
-        # Deleting its consumer is only for moving an older meter's consumer to ack-all.
+        # Deleting its consumer is only for moving an older meter's consumer to explicit acks.
         pub = [*_consume(USAGE_STREAM), f"$JS.API.CONSUMER.DELETE.{USAGE_STREAM}.{METER_CONSUMER}",
+               f"$JS.API.CONSUMER.DELETE.{USAGE_STREAM}.meter_upgrade_guard",
+               *_kv_read(ISSUERS_BUCKET), "tg.dead.>",  # checks who signed usage; moves what it cannot store
                *_consume(EVENTS_STREAM), *_consume(HOLDS_STREAM),
                f"$JS.API.STREAM.MSG.GET.{HOLDS_STREAM}",  # a tenant's oldest open hold: when a grant may lapse
                "tg.credit.>", "tg.event.>", *_read_counters(CREDITS_STREAM),

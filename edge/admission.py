@@ -1,0 +1,84 @@
+"""Admission: the one path every request takes before it is published, and back out.
+
+Budgets, prepaid credit holds, rate limits and in-flight slots are taken here
+as one unit, and given back as one. Taking them awaits the bus; a client that
+disconnects cancels its handler at any of those awaits, and what had already
+been taken would leak (a hold nobody reports, a slot counted for ever). So
+admission runs shielded: a cancelled caller lets it finish, then gives back
+whatever it took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from bus.protocol import ChatBody
+from bus.settings import ModelSpec, Settings
+from bus.tenancy import Policy
+from edge.ratelimit import Admission, RateLimiter
+from edge.spending import SpendingGate, prepaid_terms
+
+
+@dataclass
+class Admitted:
+    """What one request took at admission: rate-limit charges, in-flight slots and its credit hold."""
+
+    request_id: str
+    tenant: str
+    body: ChatBody  # as admitted: a prepaid request without max_tokens gets the model's cap
+    limits: Admission
+    hold: int
+
+
+class Gate:
+    """Admits requests against a tenant's budgets, credits and limits, and releases what they took."""
+
+    def __init__(self, settings: Settings, limiter: RateLimiter, spending: SpendingGate):
+        self._settings, self._limiter, self._spending = settings, limiter, spending
+        self._undoing: set[asyncio.Task] = set()
+
+    async def admit(self, *, request_id: str, tenant: str, key: str, policy: Policy, spec: ModelSpec,
+                    body: ChatBody, lane: str, estimate, deadline: float) -> Admitted:
+        """Take everything the request needs, or raise the refusal; safe to cancel at any point."""
+        self._spending.check_budgets(tenant, key)
+        hold = 0
+        if policy.prepaid:
+            body, hold = prepaid_terms(spec, body, self._settings.lane_multipliers.get(lane, 1.0))
+        task = asyncio.ensure_future(self._take(request_id, tenant, policy, body, estimate(body), hold, deadline))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The caller is gone; admission runs on and gives back all it took once done.
+            task.add_done_callback(self._undo_when_done)
+            raise
+
+    async def _take(self, request_id: str, tenant: str, policy: Policy, body: ChatBody, tokens: int, hold: int,
+                    deadline: float) -> Admitted:
+        limits = await self._limiter.admit(policy, tokens)
+        try:
+            if hold:
+                await self._spending.hold(tenant, request_id, hold, deadline)
+        except BaseException:
+            self._limiter.finish_soon(limits, 0)
+            raise
+        return Admitted(request_id, tenant, body, limits, hold)
+
+    def _undo_when_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return  # refused or failed: it gave back what it took itself
+        undo = asyncio.ensure_future(self.release(task.result(), published=False))
+        self._undoing.add(undo)
+        undo.add_done_callback(self._undoing.discard)
+
+    async def release(self, admitted: Admitted, *, published: bool, used_tokens: int = 0) -> None:
+        """Give back what ``admitted`` took: slots and unused tokens always; the hold too if the
+        request was never published (a published one is settled by billing from its usage)."""
+        self._limiter.finish_soon(admitted.limits, used_tokens)
+        if admitted.hold and not published:
+            await self._spending.release(admitted.tenant, admitted.request_id, admitted.hold)
+
+    async def stop(self) -> None:
+        if self._undoing:
+            await asyncio.wait(self._undoing, timeout=5.0)
+
