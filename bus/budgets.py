@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Iterable, Literal
 
 import msgspec
 import nats.js.errors
@@ -20,6 +20,7 @@ from bus.credits import MAX_MICROS
 from bus.errors import InvalidRequest, NotFound
 from bus.subjects import BUDGETS_BUCKET
 from bus.tenancy import valid_id
+from bus.webhook_policy import WebhookPolicy
 
 DEFAULT_THRESHOLDS = [50, 75, 90, 100]
 _MAX_WINDOW_S = 31 * 86400
@@ -89,8 +90,9 @@ def decode_state(data: bytes) -> BudgetState:
     return _state.decode(data)
 
 
-def check(budget: Budget) -> Budget:
-    """Refuse a budget that cannot work; return it otherwise."""
+def check(budget: Budget, webhook_allow: Iterable[str] = ()) -> Budget:
+    """Refuse a budget that cannot work, or whose webhook points inside the network
+    (unless ``webhook_allow``, the operator's allowlist, names it); return it otherwise."""
     if not valid_id(budget.tenant) or not valid_id(budget.name):
         raise InvalidRequest("tenant and name must be 1-64 letters, digits, '-' or '_'", param="name")
     if not 0 < budget.amount_micros <= MAX_MICROS:
@@ -101,8 +103,8 @@ def check(budget: Budget) -> Budget:
                              param="window_s")
     if not budget.thresholds or any(not 0 < t <= 100 for t in budget.thresholds):
         raise InvalidRequest("thresholds are percentages between 1 and 100", param="thresholds")
-    if budget.webhook_url is not None and not budget.webhook_url.startswith(("http://", "https://")):
-        raise InvalidRequest("webhook_url must be an http(s) URL", param="webhook_url")
+    if budget.webhook_url is not None:
+        WebhookPolicy(webhook_allow).check_url(budget.webhook_url)
     budget.thresholds = sorted(set(budget.thresholds))
     return budget
 
@@ -117,8 +119,8 @@ class BudgetStore:
     async def open(cls, js: JetStreamContext) -> "BudgetStore":
         return cls(await js.key_value(BUDGETS_BUCKET))
 
-    async def put(self, budget: Budget) -> Budget:
-        budget = check(budget)
+    async def put(self, budget: Budget, webhook_allow: Iterable[str] = ()) -> Budget:
+        budget = check(budget, webhook_allow)
         budget.created = budget.created or time.time()
         await self._kv.put(budget.id, msgspec.msgpack.encode(budget))
         return budget

@@ -49,7 +49,7 @@ def to_body(req: ChatCompletionRequest, spec: ModelSpec | None) -> ChatBody:
     if spec is not None and max_tokens is not None and max_tokens > spec.context_tokens:
         # Refused before admission: a cap the model can never reach would only reserve quota.
         raise InvalidRequest(f"max_tokens is {max_tokens}, more than this model's context of "
-                             f"{spec.context_tokens} tokens.", param="max_tokens")
+                             f"{spec.context_tokens} tokens.", param="max_tokens", code="context_length_exceeded")
     return ChatBody(
         messages=[ChatMessage(m.role, _text(m, i)) for i, m in enumerate(req.messages)],
         max_tokens=max_tokens,

@@ -11,29 +11,36 @@ only the first of them counts.
 
 Ledger entries (grants, top-ups, refunds, expiries) are published here and
 applied to the counter by billing alone; ``credit_ledger`` in ClickHouse holds
-them plus one debit per prepaid usage event, so its sum is the balance.
+them plus one debit per prepaid usage event, so its sum is the balance. An
+entry's id is scoped to its tenant (like a Stripe idempotency key to its
+account): ``<tenant>/<id>`` names it on the bus, and an operator's id is claimed
+for good in ``tg_credit_ids`` before its entry is published (``record_change``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Literal
 
 import msgspec
+import nats.js.errors
 from nats.js import JetStreamContext
 
 from bus.counters import add, read
 from bus.envelopes import MSG_ID_HEADER
-from bus.errors import InvalidRequest
+from bus.errors import Conflict, InvalidRequest
 from bus.prices import Units
-from bus.protocol import ChatBody, CreditEntry, HoldNotice, encode
+from bus.protocol import ChatBody, CreditEntry, HoldNotice, decode_credit, encode
 from bus.settings import ModelSpec, Settings
-from bus.subjects import CREDITS_STREAM, credit_counter, credit_event_subject, hold_subject
+from bus.subjects import CREDIT_IDS_BUCKET, CREDITS_STREAM, credit_counter, credit_event_subject, hold_subject
 
 # What one ledger entry may move (ClickHouse keeps amounts as Int64), and the latest expiry (year 2200).
 MAX_MICROS, _LATEST_EXPIRY = 2**62, 7_258_118_400.0
 # Tokens a chat template may add around the messages (role markers, a default system prompt).
 _TEMPLATE_TOKENS, _MESSAGE_TOKENS = 64, 8
+# Ids billing makes itself (``billing.expiry``, the debit view): an operator's id must not take one.
+_RESERVED_ID_PREFIXES, _MAX_ID_LENGTH = ("expire-", "debit-"), 256
 
 
 def max_prompt_tokens(body: ChatBody) -> int:
@@ -70,6 +77,9 @@ class CreditChange(msgspec.Struct, forbid_unknown_fields=True):
         if expires is not None and not now < expires < _LATEST_EXPIRY:
             raise InvalidRequest("a grant must expire in the future, in unix seconds (not milliseconds)",
                                  param="expires_in" if self.expires_in is not None else "expires_at")
+        if self.id is not None and (not 0 < len(self.id) <= _MAX_ID_LENGTH or self.id.startswith(_RESERVED_ID_PREFIXES)):
+            raise InvalidRequest(f"id must be 1 to {_MAX_ID_LENGTH} characters and not start with "
+                                 f"{' or '.join(_RESERVED_ID_PREFIXES)}", param="id")
         return CreditEntry(
             id=self.id or "cr-" + uuid.uuid4().hex, tenant=tenant, kind=self.kind, amount_micros=self.amount_micros,
             at=now, expires_at=expires, request_id=self.request_id, note=self.note,
@@ -118,9 +128,44 @@ async def settle(js: JetStreamContext, tenant: str, request_id: str, hold_micros
     await add(js, credit_counter(tenant), hold_micros - cost_micros, f"settle-{request_id}")
 
 
+def entry_key(tenant: str, entry_id: str) -> str:
+    """An entry's name across tenants: tenant ids have no ``/``, so no two tenants' ids meet."""
+    return f"{tenant}/{entry_id}"
+
+
 async def record(js: JetStreamContext, entry: CreditEntry) -> None:
     """Publish a ledger entry; billing applies it to the balance (``billing.ledger``). Safe to retry."""
-    await js.publish(credit_event_subject(entry.tenant), encode(entry), headers={MSG_ID_HEADER: entry.id})
+    await js.publish(credit_event_subject(entry.tenant), encode(entry),
+                     headers={MSG_ID_HEADER: entry_key(entry.tenant, entry.id)})
+
+
+def _same_change(a: CreditEntry, b: CreditEntry) -> bool:
+    # Times differ between tries (``at``, an ``expires_in`` worked out again); what moves credits may not.
+    return (a.kind, a.amount_micros, a.request_id) == (b.kind, b.amount_micros, b.request_id)
+
+
+async def record_change(js: JetStreamContext, entry: CreditEntry) -> CreditEntry:
+    """Record an operator's change once per tenant and id, and return the entry that stands.
+
+    The id is claimed in ``tg_credit_ids`` (an atomic create, kept for good) before the
+    entry is published, so two changes sent under one id cannot both be accepted, however
+    far apart: the same change again is a retry (the first entry is published again, which
+    billing applies once; it also covers a crash between claim and publish), a different
+    one is ``Conflict``.
+    """
+    kv = await js.key_value(CREDIT_IDS_BUCKET)
+    key = f"{entry.tenant}.{hashlib.sha256(entry.id.encode()).hexdigest()}"  # ids may hold any character
+    try:
+        await kv.create(key, encode(entry))
+    except nats.js.errors.KeyWrongLastSequenceError:
+        first = decode_credit((await kv.get(key)).value)
+        if not _same_change(first, entry):
+            raise Conflict(f"id {entry.id!r} was already used for a different change to this tenant's credits "
+                           f"({first.kind} of {first.amount_micros} micro-credits)", param="id",
+                           code="idempotency_key_reused") from None
+        entry = first
+    await record(js, entry)
+    return entry
 
 
 async def report_hold(js: JetStreamContext, notice: HoldNotice) -> None:

@@ -20,6 +20,7 @@ from bus.subjects import (
     BUDGET_STATE_BUCKET,
     BUDGETS_BUCKET,
     CANCELLED_BUCKET,
+    CREDIT_IDS_BUCKET,
     CREDITS_STREAM,
     DEAD_LETTER_STREAM,
     EVENTS_STREAM,
@@ -36,6 +37,7 @@ from bus.subjects import (
     METER_CONSUMER,
     REQUESTS_STREAM,
     USAGE_STREAM,
+    PUBLISHERS_BUCKET,
     WORKERS_BUCKET,
     work_consumer,
     request_subject,
@@ -116,6 +118,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     liveness_ttl = 3 * settings.worker.liveness_s
     for config in (
         KeyValueConfig(bucket=WORKERS_BUCKET, history=1, ttl=liveness_ttl, limit_marker_ttl=1.0),
+        KeyValueConfig(bucket=PUBLISHERS_BUCKET, history=1, ttl=liveness_ttl, limit_marker_ttl=1.0),
         KeyValueConfig(bucket=ISSUERS_BUCKET, history=1),
         KeyValueConfig(bucket=CANCELLED_BUCKET, history=1, ttl=window),
         KeyValueConfig(bucket=TENANTS_BUCKET, history=5),
@@ -123,6 +126,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
         KeyValueConfig(bucket=INFLIGHT_BUCKET, history=1),
         KeyValueConfig(bucket=BUDGETS_BUCKET, history=5),
         KeyValueConfig(bucket=BUDGET_STATE_BUCKET, history=1),
+        KeyValueConfig(bucket=CREDIT_IDS_BUCKET, history=1),  # no TTL: an id is taken for good
     ):
         await _ensure_bucket(js, config)
     await _ensure_stream(

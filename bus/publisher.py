@@ -20,10 +20,10 @@ from nats.aio.msg import Msg
 from bus.envelopes import seal
 from bus.errors import DeadlineExceeded, NoCapacity, QueueFull, TollgateError, WorkerFailed
 from bus.ids import new_request_id
-from bus.liveness import LiveWorkers
+from bus.liveness import LiveWorkers, announced
 from bus.protocol import Delta, Envelope, Failed, Final, Frame, RequestBody, Started, decode_frame
 from bus.signing import Identity
-from bus.subjects import CANCELLED_BUCKET, WORKERS_BUCKET, cancel_subject, reply_subject, reply_wildcard, request_subject
+from bus.subjects import CANCELLED_BUCKET, PUBLISHERS_BUCKET, WORKERS_BUCKET, cancel_subject, reply_subject, reply_wildcard, request_subject
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,10 @@ class Call:
 class Publisher:
     """Signs and publishes work as ``publisher_id`` and routes the replies back to each caller."""
 
-    def __init__(self, nc: Client, identity: Identity, publisher_id: str, *, deadline_s: float, silence_s: float):
+    def __init__(self, nc: Client, identity: Identity, publisher_id: str, *, deadline_s: float, silence_s: float,
+                 liveness_s: float = 2.0):
         self.nc = nc
+        self.liveness_s = liveness_s
         self.js = nc.jetstream()
         self.identity = identity
         self.publisher_id = publisher_id
@@ -95,8 +97,15 @@ class Publisher:
         await self.live.start()
         self._cancelled = await self.js.key_value(CANCELLED_BUCKET)
         self._sub = await self.nc.subscribe(reply_wildcard(self.publisher_id), cb=self._on_reply)
+        # Workers drop work whose publisher is no longer announced: its answer would reach nobody.
+        self._announcement = announced(await self.js.key_value(PUBLISHERS_BUCKET), self.publisher_id,
+                                       self.identity.public_key.encode(), self.liveness_s)
+        await self._announcement.__aenter__()
 
     async def stop(self) -> None:
+        """Leave: cancel what is still in flight (its clients are being cut off), then unannounce."""
+        await asyncio.gather(*(self._cancel(request_id) for request_id in list(self._calls)))
+        await self._announcement.__aexit__(None, None, None)
         if self._sub is not None:
             await self._sub.unsubscribe()
         await self.live.stop()

@@ -8,6 +8,8 @@ LANES: tuple[str, ...] = ("critical", "high", "normal", "batch")
 REQUESTS_STREAM = "REQUESTS"
 USAGE_STREAM = "USAGE"
 WORKERS_BUCKET = "tg_workers"
+# Live publishers (edge processes, SDK services) by the id their replies go to.
+PUBLISHERS_BUCKET = "tg_publishers"
 ISSUERS_BUCKET = "tg_issuers"
 CANCELLED_BUCKET = "tg_cancelled"
 TENANTS_BUCKET = "tg_tenants"
@@ -19,6 +21,8 @@ CREDITS_STREAM = "CREDITS"
 # Credit ledger entries and budget alerts, for billing, webhooks and any subscriber.
 EVENTS_STREAM = "EVENTS"
 HOLDS_STREAM = "HOLDS"
+# Ledger entry ids operators have used, per tenant: the first change sent under an id is kept for good.
+CREDIT_IDS_BUCKET = "tg_credit_ids"
 # What billing must not or cannot store (``billing.dead_letters``), kept for an operator.
 DEAD_LETTER_STREAM = "DEADLETTER"
 BUDGETS_BUCKET = "tg_budgets"

@@ -12,25 +12,54 @@ from bus.errors import InvalidRequest
 T = TypeVar("T")
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+# 19 digits or more: the only integers that may not fit in 64 bits. Searching the raw bytes is
+# cheap, so the exact check (a walk of the decoded value) runs only for bodies that have one.
+_LONG_DIGITS = re.compile(rb"\d{19}")
+_INT64 = range(-(2**63), 2**63)
 
 
 def decode_json(data: bytes, type_: type[T]) -> T:
     """Decode and validate a JSON body, turning any failure into an ``InvalidRequest`` naming the field."""
     try:
-        return msgspec.json.decode(data, type=type_)
+        value = msgspec.json.decode(data, type=type_)
+        if _LONG_DIGITS.search(data):
+            _check_int64(value)
+        return value
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        unknown = _UNKNOWN_FIELD.search(text)
-        path = _PATH.search(text)
-        if unknown:
-            name = unknown.group(1)
-            prefix = path.group(1) if path and path.group(1) else ""
-            param = f"{prefix}.{name}" if prefix else name
-            raise InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param) from None
-        param = path.group(1) if path and path.group(1) else None
-        message = _PATH.sub("", text)
-        raise InvalidRequest(f"Invalid value for '{param}': {message}" if param else message, param=param) from None
+        raise _invalid(str(exc)) from None
     except msgspec.DecodeError:
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be a JSON object."
         ) from None
+    except UnicodeDecodeError:  # msgspec raises it, not DecodeError, for bad bytes inside a string
+        raise InvalidRequest("The JSON body of your request is not valid UTF-8.") from None
+    except RecursionError:
+        raise InvalidRequest("The JSON body of your request is nested too deeply.") from None
+
+
+def _invalid(text: str) -> InvalidRequest:
+    unknown = _UNKNOWN_FIELD.search(text)
+    path = _PATH.search(text)
+    if unknown:
+        name = unknown.group(1)
+        prefix = path.group(1) if path and path.group(1) else ""
+        param = f"{prefix}.{name}" if prefix else name
+        return InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param)
+    param = path.group(1) if path and path.group(1) else None
+    message = _PATH.sub("", text)
+    return InvalidRequest(f"Invalid value for '{param}': {message}" if param else message, param=param)
+
+
+def _check_int64(value) -> None:
+    """Refuse integers outside 64 bits anywhere in ``value``: MessagePack, KV records and
+    ClickHouse cannot hold them, and no limit, price or count needs them."""
+    stack = [("", msgspec.to_builtins(value))]
+    while stack:  # a loop, not recursion: the value may be nested as deep as the decoder allowed
+        path, item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(item))
+        elif isinstance(item, int) and not isinstance(item, bool) and item not in _INT64:
+            raise InvalidRequest(f"Invalid value for '{path}': integers must fit in 64 bits (signed)",
+                                 param=path or None)

@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 import uuid
 
+import msgspec
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -23,13 +24,18 @@ from nats.aio.msg import Msg
 from bus.envelopes import MSG_ID_HEADER, TICKET_HEADER, open_envelope, seal_usage
 from bus.errors import BadEnvelope, DeadlineExceeded, TollgateError, WorkerFailed
 from bus.issuers import watch_issuers
-from bus.liveness import announced
+from bus.dead_letters import dead_letter
+from bus.liveness import LivePublishers, announced
 from bus.prices import Units
-from bus.protocol import ChatBody, Delta, Envelope, Failed, Final, Heartbeat, Started, Usage, UsageEvent, encode
+from bus.protocol import (
+    ChatBody, Delta, Envelope, Failed, Final, Heartbeat, Started, Usage, UsageEvent, WorkerAnnouncement, encode,
+)
 from bus.provision import ensure_work_consumers
 from bus.settings import ModelSpec, Settings
 from bus.signing import Identity
-from bus.subjects import CANCEL_WILDCARD, CANCELLED_BUCKET, WORKERS_BUCKET, request_wildcard, usage_subject
+from bus.subjects import (
+    CANCEL_WILDCARD, CANCELLED_BUCKET, PUBLISHERS_BUCKET, WORKERS_BUCKET, liveness_key, request_wildcard, usage_subject,
+)
 from consumers.backends.base import ChatBackend, ChatResult
 from consumers.lanes import LanePuller
 
@@ -75,6 +81,8 @@ class Worker:
         """Serve until ``stop`` is set, then finish the requests in hand and leave."""
         await ensure_work_consumers(self.js, self.settings, self.model)
         self._issuers = await watch_issuers(self.js)
+        self._publishers = LivePublishers(await self.js.key_value(PUBLISHERS_BUCKET))
+        await self._publishers.start()
         self._cancelled = await self.js.key_value(CANCELLED_BUCKET)
         subs = [
             await self.nc.subscribe(CANCEL_WILDCARD, cb=self._on_cancel),
@@ -84,7 +92,9 @@ class Worker:
         self._puller = await LanePuller(self.nc, self.model, self.settings.worker.lane_weights).open()
         dispatcher = asyncio.create_task(self._dispatch())
         try:
-            async with announced(workers_kv, self.model, self.worker_id, self.settings.worker.liveness_s):
+            announcement = msgspec.msgpack.encode(WorkerAnnouncement(self.worker_id, self.model, time.time()))
+            async with announced(workers_kv, liveness_key(self.model, self.worker_id), announcement,
+                                 self.settings.worker.liveness_s):
                 log.info("worker %s serving %s", self.worker_id, self.model)
                 await stop.wait()
                 self._stopping = True
@@ -97,6 +107,7 @@ class Worker:
                     await sub.unsubscribe()
             await self._puller.close()
             await self._issuers.stop()
+            await self._publishers.stop()
 
     async def _on_doorbell(self, msg: Msg) -> None:
         self._puller.ring(msg.subject.split(".")[2])
@@ -157,6 +168,10 @@ class Worker:
                 msg.metadata.num_delivered > 1 and await self._was_cancelled(envelope.id)
             ):
                 raise BadEnvelope("its client had gone before it ran")
+            if not await self._publishers.alive(envelope.reply.split(".")[2]):
+                # Its edge (or service) is gone, and with it the client: nobody would get the answer.
+                await dead_letter(self.js, msg, "work", "its publisher is gone: nobody would receive the answer")
+                return
         except BadEnvelope as exc:
             log.warning("terminated work message %s: %s", (msg.headers or {}).get(MSG_ID_HEADER), exc)
             await msg.term()

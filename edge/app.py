@@ -76,7 +76,8 @@ def create_app(settings: Settings) -> web.Application:
             await mirror.start()
         edge_id = "edge-" + uuid.uuid4().hex[:12]
         publisher = Publisher(
-            nc, identity, edge_id, deadline_s=settings.edge.request_timeout_s, silence_s=settings.edge.worker_silence_s
+            nc, identity, edge_id, deadline_s=settings.edge.request_timeout_s, silence_s=settings.edge.worker_silence_s,
+            liveness_s=settings.worker.liveness_s,
         )
         await publisher.start()
         inflight = InFlight(await js.key_value(INFLIGHT_BUCKET), edge_id)

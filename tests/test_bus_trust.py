@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -11,9 +12,9 @@ import msgspec
 from bus.envelopes import TICKET_HEADER, seal
 from bus.ids import new_request_id
 from bus.issuers import register_issuer
-from bus.protocol import ChatBody, ChatMessage, Envelope, Final, IssuerGrant, decode_frame
+from bus.protocol import ChatBody, ChatMessage, Envelope, Final, IssuerGrant, decode_envelope, decode_frame
 from bus.signing import SIGNATURE_HEADER, Identity
-from bus.subjects import REQUESTS_STREAM, request_subject
+from bus.subjects import PUBLISHERS_BUCKET, REQUESTS_STREAM, request_subject
 from consumers.serve import worker_identity_path
 from tests.conftest import CHAT_MODEL, eventually, usage_rows
 
@@ -58,6 +59,9 @@ async def test_only_trusted_timely_envelopes_run_and_are_metered(stack, nc, mete
     await asyncio.sleep(0.3)  # the worker's issuer mirror follows the registry by watch
 
     worker = Identity.load_or_create(worker_identity_path(stack.settings))
+    publishers = await js.key_value(PUBLISHERS_BUCKET)
+    for alive in ("edge-bustest", "acme-service"):  # as a running edge and service announce themselves
+        await publishers.put(alive, b"")
     replies = Replies()
     sub = await nc.subscribe("tg.reply.*.*", cb=replies.on_msg)
 
@@ -122,3 +126,32 @@ async def test_only_trusted_timely_envelopes_run_and_are_metered(stack, nc, mete
     rows = await usage_rows(clickhouse, [e.id for e in [*bad, valid, own_tenant]], expect=2)
     assert sorted(r["request_id"] for r in rows) == sorted([valid.id, own_tenant.id])
     await sub.unsubscribe()
+
+
+async def test_work_whose_publisher_is_gone_is_dead_lettered_unrun_and_unbilled(stack, nc, meter, clickhouse):
+    """An edge that died (or stopped) announces itself no more: its queued work would be run and
+    billed for a client nobody can answer any longer."""
+    js = nc.jetstream()
+    edge = Identity.load_or_create(Path(stack.settings.state_dir, "keys", "edge.seed"))
+    publishers = await js.key_value(PUBLISHERS_BUCKET)
+    await publishers.put("edge-alive", b"")
+    replies = Replies()
+    sub = await nc.subscribe("tg.reply.*.*", cb=replies.on_msg)
+    orphans = [_envelope(edge, replies="edge-long-gone") for _ in range(3)]
+    live = _envelope(edge, replies="edge-alive")
+    for envelope in [*orphans, live]:
+        data, headers = seal(envelope, edge, ttl_s=30)
+        await js.publish(request_subject("normal", CHAT_MODEL), data, headers=headers)
+    await replies.final(live.id)  # queued behind the orphans: the worker got past them
+    assert all(e.id not in replies.frames for e in orphans), "never started"
+    rows = await usage_rows(clickhouse, [e.id for e in [*orphans, live]], expect=1)
+    assert [r["request_id"] for r in rows] == [live.id], "only the live publisher's request was billed"
+    dead = await js.subscribe("tg.dead.work", stream="DEADLETTER", ordered_consumer=True)
+    reasons = {}
+    with contextlib.suppress(TimeoutError):
+        while True:
+            msg = await dead.next_msg(timeout=1)
+            reasons[decode_envelope(msg.data).id] = msg.headers["Tg-Reason"]
+    await dead.unsubscribe()
+    await sub.unsubscribe()
+    assert all("publisher is gone" in reasons.get(e.id, "") for e in orphans), reasons

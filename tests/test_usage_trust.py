@@ -12,7 +12,7 @@ import time
 
 import msgspec
 
-from billing.dead_letters import REASON_HEADER
+from bus.dead_letters import REASON_HEADER
 from bus import credits
 from bus.envelopes import MSG_ID_HEADER, seal_usage
 from bus.issuers import register_issuer

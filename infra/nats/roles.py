@@ -28,6 +28,7 @@ from bus.subjects import (
     TENANTS_BUCKET,
     USAGE_QUERY_SUBJECT,
     USAGE_STREAM,
+    PUBLISHERS_BUCKET,
     WORKERS_BUCKET,
 )
 
@@ -79,6 +80,7 @@ def permissions(role: str) -> dict:
     if role == "edge":
         pub = ["tg.req.>", "tg.cancel.>", "tg.rl.>", USAGE_QUERY_SUBJECT, *_kv_write(CANCELLED_BUCKET), *_kv_write(INFLIGHT_BUCKET),
                *_kv_write(TENANTS_BUCKET), *_kv_write(KEYS_BUCKET), *_kv_read(WORKERS_BUCKET), *_kv_read(ISSUERS_BUCKET),
+               *_kv_write(PUBLISHERS_BUCKET),  # announces itself: workers drop a dead edge's work
                # credit holds, ledger entries from the admin API, ended holds; budgets and their state
                "tg.credit.>", "tg.event.credit.>", "tg.hold.>", *_read_counters(CREDITS_STREAM),
                *_kv_write(BUDGETS_BUCKET), *_kv_read(BUDGET_STATE_BUCKET)]
@@ -86,6 +88,7 @@ def permissions(role: str) -> dict:
         sub = ["tg.reply.>"]
     elif role == "worker":
         pub = ["tg.reply.>", "tg.usage.>", *_consume(REQUESTS_STREAM), *_kv_write(WORKERS_BUCKET),
+               *_kv_read(PUBLISHERS_BUCKET), "tg.dead.work",  # work whose publisher is gone is dead-lettered
                *_kv_read(ISSUERS_BUCKET), *_kv_read(CANCELLED_BUCKET)]
         sub = ["tg.req.>", "tg.cancel.>"]  # the doorbell and cancels; never publish work
     elif role == "billing":
@@ -100,7 +103,8 @@ def permissions(role: str) -> dict:
         sub = [USAGE_QUERY_SUBJECT]  # it answers usage queries (allow_responses, below)
     elif role.startswith("svc:"):
         name = role.removeprefix("svc:")
-        pub = ["tg.req.>", "tg.cancel.>", *_kv_write(CANCELLED_BUCKET), *_kv_read(WORKERS_BUCKET)]
+        pub = ["tg.req.>", "tg.cancel.>", *_kv_write(CANCELLED_BUCKET), *_kv_read(WORKERS_BUCKET),
+               *_kv_write(PUBLISHERS_BUCKET)]
         sub = [f"tg.reply.{name}.>"]  # its own replies, nobody else's
     else:
         raise ValueError(f"unknown role {role!r}")
