@@ -47,13 +47,16 @@ def usage_sql(query: UsageQuery) -> tuple[str, dict]:
     if query.end is not None:
         where.append("hour < {end:DateTime}")
         params["end"] = _time("end", query.end)
-    groups = [f"{_GROUP_SQL.get(g, g)} AS {g}" for g in query.group_by]
+    # Aliases of their own: ClickHouse resolves an alias before a column of the same name, so
+    # `toString(hour) AS hour` would turn `WHERE hour >= …` into a comparison with a string.
+    aliases = [f"g_{g}" for g in query.group_by]
+    groups = [f"{_GROUP_SQL.get(g, g)} AS {a}" for g, a in zip(query.group_by, aliases)]
     select = ", ".join([*groups, "sum(requests)", "sum(input_units)", "sum(output_units)", "sum(cost_micros)"])
     sql = f"SELECT {select} FROM usage_hour"
     if where:
         sql += " WHERE " + " AND ".join(where)
     if groups:
-        sql += " GROUP BY " + ", ".join(query.group_by) + " ORDER BY sum(cost_micros) DESC, sum(requests) DESC"
+        sql += " GROUP BY " + ", ".join(aliases) + " ORDER BY sum(cost_micros) DESC, sum(requests) DESC"
     return sql + f" LIMIT {max(1, min(query.limit, 10_000))}", params
 
 

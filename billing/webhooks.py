@@ -5,6 +5,12 @@ is HMAC-SHA256 over ``"<t>." + body`` with the budget's webhook secret, and
 ``Idempotency-Key`` is the alert id, the same on every retry, so a receiver
 can drop repeats. A delivery that fails is redelivered by JetStream after a
 doubling delay until ``webhook_attempts`` run out.
+
+Destinations are checked when sent (``bus.webhook_policy``): a literal address before the POST,
+a host name's addresses by the connector's resolver, so the connection goes only to addresses
+that passed. Redirects are not followed (a 3xx is a failed delivery), the answer's body is
+never read (its status is all that counts), and logs name the host, never the URL, which may
+carry a secret.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import socket
 import time
 
 import aiohttp
+import aiohttp.abc
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -24,8 +32,10 @@ from billing.batches import Batches
 from bus.budgets import Budget, decode_budget
 from bus.protocol import BudgetAlert, decode_alert
 from bus.settings import Settings
+from bus.errors import InvalidRequest
 from bus.subjects import BUDGETS_BUCKET, EVENTS_STREAM, WEBHOOKS_CONSUMER
 from bus.watched import WatchedBucket
+from bus.webhook_policy import WebhookPolicy, url_host
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +48,43 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={digest}"
 
 
+class DestinationRefused(OSError):
+    """A webhook host with no address the policy allows."""
+
+
+class _GuardedResolver(aiohttp.abc.AbstractResolver):
+    """Resolves as usual, then keeps only the addresses the policy allows."""
+
+    def __init__(self, policy: WebhookPolicy):
+        self._policy = policy
+        self._resolver = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list:
+        found = await self._resolver.resolve(host, port, family)
+        allowed = [r for r in found if self._policy.address_allowed(host.lower().rstrip("."), r["host"])]
+        if not allowed:
+            raise DestinationRefused(f"{host} resolves only to refused addresses")
+        return allowed
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
 class WebhookSender(Batches):
     def __init__(self, settings: Settings, nc: Client):
         super().__init__(nc, EVENTS_STREAM, WEBHOOKS_CONSUMER, 64)
         self.meter = settings.meter
+        self._policy = WebhookPolicy(settings.meter.webhook_allow)
         self._http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         await super().start()
         self._budgets = WatchedBucket(await self._js.key_value(BUDGETS_BUCKET), decode_budget)
         await self._budgets.start()
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.meter.webhook_timeout_s))
+        # No DNS cache: every delivery checks what the name resolves to now.
+        connector = aiohttp.TCPConnector(resolver=_GuardedResolver(self._policy), use_dns_cache=False)
+        self._http = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=self.meter.webhook_timeout_s))
 
     async def close(self) -> None:
         await super().close()
@@ -70,26 +106,41 @@ class WebhookSender(Batches):
         if budget is None or not budget.webhook_url:
             await msg.ack()
             return
-        if await self._post(budget, alert):
+        try:
+            delivered = await self._post(budget, alert)
+        except InvalidRequest:  # no retry can make a refused destination allowed
+            log.error("refused to send alert %s to %s: not an allowed webhook destination",
+                      alert.id, url_host(budget.webhook_url))
+            await msg.term()
+            return
+        if delivered:
             await msg.ack()
             return
         attempt = msg.metadata.num_delivered
         if attempt >= self.meter.webhook_attempts:
-            log.error("gave up delivering alert %s to %s after %d attempts", alert.id, budget.webhook_url, attempt)
+            log.error("gave up delivering alert %s to %s after %d attempts", alert.id, url_host(budget.webhook_url),
+                      attempt)
             await msg.term()
         else:
             await msg.nak(delay=self.meter.webhook_backoff_s * 2 ** (attempt - 1))
 
     async def _post(self, budget: Budget, alert: BudgetAlert) -> bool:
+        """POST the alert; True if the receiver took it. ``InvalidRequest`` if the destination is refused."""
+        host = self._policy.check_url(budget.webhook_url)  # a budget stored before the policy is checked too
         body = msgspec.json.encode(alert)
         headers = {"Content-Type": "application/json", "Idempotency-Key": alert.id}
         if budget.webhook_secret:
             headers[SIGNATURE_HEADER] = sign(budget.webhook_secret, int(time.time()), body)
         try:
-            async with self._http.post(budget.webhook_url, data=body, headers=headers) as resp:
+            # A redirect could lead anywhere, signature headers included: it counts as a failure.
+            async with self._http.post(budget.webhook_url, data=body, headers=headers, allow_redirects=False) as resp:
                 if resp.status < 300:
                     return True
-                log.warning("webhook %s answered %d for alert %s", budget.webhook_url, resp.status, alert.id)
-        except Exception as exc:
-            log.warning("webhook %s failed for alert %s: %s", budget.webhook_url, alert.id, exc)
+                log.warning("webhook to %s answered %d for alert %s", host, resp.status, alert.id)
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, DestinationRefused):
+                raise InvalidRequest(f"{host} resolves only to refused addresses", param="webhook_url") from None
+            log.warning("webhook to %s failed for alert %s: %s", host, alert.id, exc.os_error)
+        except Exception as exc:  # its text may quote the URL: the class is enough
+            log.warning("webhook to %s failed for alert %s: %s", host, alert.id, type(exc).__name__)
         return False

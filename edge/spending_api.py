@@ -56,9 +56,10 @@ def _budgets(request: web.Request) -> BudgetStore:
 async def put_budget(request: web.Request) -> web.Response:
     """POST /admin/budgets: create a budget, or replace the one with the same tenant and name."""
     store = _budgets(request)
-    budget = check(decode_body(await request.read(), Budget))
+    allow = request.app["settings"].meter.webhook_allow  # the same file billing reads
+    budget = check(decode_body(await request.read(), Budget), allow)
     await request.app["tenancy"].get_tenant(budget.tenant)
-    return json_response(budget_view(await store.put(budget)), 201)
+    return json_response(budget_view(await store.put(budget, allow)), 201)
 
 
 async def list_budgets(request: web.Request) -> web.Response:

@@ -3,33 +3,39 @@
 from __future__ import annotations
 
 import msgspec
+import nats.errors
 from aiohttp import web
 
-from bus.errors import InvalidRequest, TollgateError
+from bus.errors import InvalidRequest, TollgateError, UsageServiceUnavailable
 from bus.protocol import UsageAnswer, UsageQuery
 from bus.subjects import USAGE_QUERY_SUBJECT
 
 _answer = msgspec.msgpack.Decoder(UsageAnswer).decode
+MAX_LIMIT = 10_000  # rows in one answer
 
 
 def _query(request: web.Request, tenant: str | None) -> UsageQuery:
     q = request.query
     try:
-        return UsageQuery(
-            tenant=tenant,
-            start=float(q["start"]) if "start" in q else None,
-            end=float(q["end"]) if "end" in q else None,
-            group_by=[g for g in q.get("group_by", "").split(",") if g],
-            limit=int(q.get("limit", 1000)),
-        )
+        start = float(q["start"]) if "start" in q else None
+        end = float(q["end"]) if "end" in q else None
+        limit = int(q.get("limit", 1000))
     except ValueError:
         raise InvalidRequest("start and end are unix seconds; limit is an integer") from None
+    if not 1 <= limit <= MAX_LIMIT:  # also keeps a 30-digit limit off the bus, which carries 64 bits
+        raise InvalidRequest(f"limit must be from 1 to {MAX_LIMIT}", param="limit")
+    group_by = [g for g in q.get("group_by", "").split(",") if g]
+    return UsageQuery(tenant=tenant, start=start, end=end, group_by=group_by, limit=limit)
 
 
 async def _ask(request: web.Request, query: UsageQuery) -> web.Response:
     """Ask billing, which owns ClickHouse, over NATS request-reply."""
     nc = request.app["publisher"].nc
-    reply = await nc.request(USAGE_QUERY_SUBJECT, msgspec.msgpack.encode(query), timeout=10)
+    try:
+        reply = await nc.request(USAGE_QUERY_SUBJECT, msgspec.msgpack.encode(query), timeout=10)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        # No billing process is answering: say that, not that a model is unavailable.
+        raise UsageServiceUnavailable("The usage service is unavailable right now. Try again shortly.") from None
     answer = _answer(reply.data)
     if answer.error is not None:
         raise TollgateError.from_info(answer.error)

@@ -1,0 +1,295 @@
+"""Bad input is a 400 (or 413), never a 5xx: the cases found by hand, then random and hostile
+JSON and bytes (hypothesis) against every request decoder and every admin route of the live stack.
+
+The property tests run in a thread with a blocking HTTP client, so the session's event loop (which
+runs billing, and with it the usage service) keeps serving meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import nats
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from bus.errors import NotFound
+from bus.provision import provision
+from bus.settings import load_settings
+from bus.tenancy import Tenant
+from edge.app import create_app
+from infra.nats_launcher import NatsServer
+from tests.conftest import ADMIN_TOKEN, CHAT_MODEL, free_port
+
+TENANT = "hostile"
+PROP_TENANT = "hostile-prop"  # the property tests may change it in any valid way: a tenant of their own
+# Bounded so the whole property suite takes seconds on two cores; deadline off: the stack's
+# latency is not what is under test.
+PROPERTY = settings(max_examples=40, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+async def _key(stack, tenant: str = TENANT) -> tuple[str, str]:
+    """An unlimited tenant (so no test here spends another's quota) and a new key of it: id and secret."""
+    async def make(store):
+        try:
+            await store.get_tenant(tenant)
+        except NotFound:
+            await store.create_tenant(Tenant(id=tenant, tier="enterprise"))
+        return await store.create_key(tenant, name="hostile")
+
+    key, secret = await stack.tenancy(make)
+    return key.id, secret
+
+
+def _send(stack, method: str, path: str, body: bytes | None = None, token: str = ADMIN_TOKEN,
+          content_type: str | None = "application/json") -> tuple[int, dict]:
+    """One blocking HTTP request with exactly these bytes; the status and the JSON answer."""
+    url = urlsplit(stack.base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    headers = {"Authorization": f"Bearer {token}"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+    finally:
+        conn.close()
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        answer = {"raw": data[:200]}
+    return resp.status, answer
+
+
+def _assert_refused_cleanly(status: int, answer: dict, what) -> None:
+    assert status < 500, (status, answer, what)
+    if status >= 400:
+        assert set(answer["error"]) == {"message", "type", "param", "code"}, answer
+
+
+def _nested(depth: int, inner: bytes = b"1") -> bytes:
+    return b"[" * depth + inner + b"]" * depth
+
+
+def _with(template: dict, path: str, fragment: bytes) -> bytes:
+    """``template`` as JSON with the value at ``path`` (dots and list indexes) replaced by raw bytes."""
+    doc = json.loads(json.dumps(template))
+    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+    node = doc
+    for p in parents:
+        node = node[p]
+    node[last] = "\x00HOSTILE\x00"
+    return json.dumps(doc).encode().replace(b'"\\u0000HOSTILE\\u0000"', fragment)
+
+
+# --- the cases found by hand -----------------------------------------------------------------
+
+async def test_invalid_utf8_inside_a_json_string_is_a_400(stack, meter):
+    _, secret = await _key(stack)
+    chat = b'{"model": "%s", "messages": [{"role": "user", "content": "caf\xe9 \xff"}]}' % CHAT_MODEL.encode()
+    status, body = await asyncio.to_thread(_send, stack, "POST", "/v1/chat/completions", chat, secret)
+    assert status == 400 and "UTF-8" in body["error"]["message"], body
+    status, body = await asyncio.to_thread(_send, stack, "PATCH", f"/admin/tenants/{TENANT}", b'{"name": "\xc0\xaf"}')
+    assert status == 400 and "UTF-8" in body["error"]["message"], body
+
+
+async def test_deeply_nested_arrays_are_a_400(stack, meter):
+    _, secret = await _key(stack)
+    deep = _nested(100_000)
+    chat = _with({"model": CHAT_MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages.0.content.0.image_url.url", deep)
+    status, body = await asyncio.to_thread(_send, stack, "POST", "/v1/chat/completions", chat, secret)
+    assert status == 400 and "nested" in body["error"]["message"], body
+    status, body = await asyncio.to_thread(_send, stack, "PATCH", f"/admin/tenants/{TENANT}", b'{"name": %s}' % deep)
+    assert status == 400 and "nested" in body["error"]["message"], body
+
+
+async def test_integers_beyond_64_bits_are_a_400_naming_the_field(stack, meter):
+    await _key(stack)
+    huge = b'{"limits": {"tpm": 1000000000000000000000000000000}}'
+    status, body = await asyncio.to_thread(_send, stack, "PATCH", f"/admin/tenants/{TENANT}", huge)
+    assert status == 400 and body["error"]["param"] == "limits.tpm", body
+    status, body = await asyncio.to_thread(_send, stack, "POST", f"/admin/tenants/{TENANT}/keys", huge)
+    assert status == 400 and body["error"]["param"] == "limits.tpm", body
+    status, body = await asyncio.to_thread(_send, stack, "GET", f"/admin/tenants/{TENANT}")
+    assert status == 200 and body["limits"] == {}, "nothing was stored"
+
+
+async def test_usage_queries_with_a_30_digit_limit_or_grouped_by_hour_with_a_start(stack, meter):
+    _, secret = await _key(stack)
+    status, body = await asyncio.to_thread(_send, stack, "GET", "/v1/usage?limit=" + "9" * 30, None, secret)
+    assert status == 400 and body["error"]["param"] == "limit", body
+    for path in ("/v1/usage?group_by=hour&start=0", "/v1/usage?group_by=day,hour&start=0&end=4000000000"):
+        status, body = await asyncio.to_thread(_send, stack, "GET", path, None, secret)
+        assert status == 200 and body["object"] == "list", (path, body)
+
+
+async def test_a_json_route_says_so_when_sent_text(stack, meter):
+    _, secret = await _key(stack)
+    chat = json.dumps({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    for path, token in (("/v1/chat/completions", secret), ("/admin/tenants", ADMIN_TOKEN)):
+        status, body = await asyncio.to_thread(_send, stack, "POST", path, chat, token, "text/plain")
+        assert status == 400, body
+        assert body["error"]["code"] == "unsupported_content_type" and "application/json" in body["error"]["message"]
+
+
+async def test_a_2_mib_chat_body_reaches_the_model(stack, meter):
+    """Under the edge's body limit, so the bus must carry it: the model's own answer, not a 503."""
+    _, secret = await _key(stack)
+    chat = json.dumps({"model": CHAT_MODEL, "max_tokens": 1,
+                       "messages": [{"role": "user", "content": "hi " * (700 * 1024)}]}).encode()
+    assert len(chat) > 2 * 1024 * 1024
+    status, body = await asyncio.to_thread(_send, stack, "POST", "/v1/chat/completions", chat, secret)
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+
+
+async def test_a_body_larger_than_the_bus_carries_is_a_413(tmp_path):
+    """An edge on a NATS whose operator kept a 1 MiB max_payload refuses bigger bodies up front."""
+    operator = tmp_path / "operator.conf"
+    operator.write_text("max_payload: 1MB\n")
+    with NatsServer(tmp_path / "nats", config=operator) as server:
+        port = free_port()
+        config = tmp_path / "tollgate.toml"
+        config.write_text(f'state_dir = "{tmp_path / "state"}"\n[nats]\nurl = "{server.url}"\n[edge]\nport = {port}\n')
+        edge_settings = load_settings(config, env={})
+        nc = await nats.connect(server.url)
+        await provision(nc.jetstream(), edge_settings)
+        await nc.close()
+        runner = web.AppRunner(create_app(edge_settings))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            body = json.dumps({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "x" * (2 << 20)}]})
+            async with aiohttp.ClientSession() as client:
+                async with client.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                       headers={"Content-Type": "application/json"}) as resp:
+                    status, answer = resp.status, await resp.json()
+        finally:
+            await runner.cleanup()
+    assert status == 413 and answer["error"]["code"] == "request_too_large", answer
+
+
+# --- random and hostile input ----------------------------------------------------------------
+
+_HUGE_INTS = st.sampled_from([2**63, -(2**63) - 1, 2**64, 10**30, -(10**30)])
+_scalars = (st.none() | st.booleans() | st.integers() | _HUGE_INTS | st.floats(allow_nan=False)
+            | st.text(max_size=40))
+json_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=12)
+
+
+@st.composite
+def hostile_fragments(draw) -> bytes:
+    """Raw JSON text for one value: random JSON, or something built to break a decoder."""
+    kind = draw(st.sampled_from(["json", "deep", "deep_object", "bad_utf8", "number", "bytes", "escape"]))
+    if kind == "json":
+        return json.dumps(draw(json_values)).encode()
+    if kind == "deep":
+        return _nested(draw(st.integers(1, 100_000)))
+    if kind == "deep_object":
+        depth = draw(st.integers(1, 5_000))
+        return b'{"a":' * depth + b"1" + b"}" * depth
+    if kind == "bad_utf8":
+        return b'"' + draw(st.binary(min_size=1, max_size=8)).replace(b'"', b"") + b'\xff"'
+    if kind == "number":
+        return draw(st.sampled_from([b"1e400", b"-1e400", b"1" * 40, b"-0", b"NaN", b"Infinity", b"0.1e-400"]))
+    if kind == "escape":
+        return draw(st.sampled_from([b'"\\ud800"', b'"\\udfff\\ud800"', b'"\\u0000"', b'"\\x41"']))
+    return draw(st.binary(max_size=64))
+
+
+_CHAT = {"model": "no-such-model", "max_tokens": 5, "temperature": 0.5, "stream": False, "stop": ["x"],
+         "service_tier": "default", "stream_options": {"include_usage": True},
+         "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                   {"type": "image_url", "image_url": {"url": "x"}}]}]}
+_LIMITS = {"rpm": 5, "tpm": 5, "concurrency": 1}
+# Every route that decodes a body: a valid body to start from, and the fields a hostile value may replace.
+BODY_ROUTES = {
+    ("POST", "/v1/chat/completions"): (_CHAT, ["model", "messages", "messages.0", "messages.0.role",
+                                               "messages.0.content", "messages.0.content.0.text",
+                                               "messages.0.content.1.image_url", "messages.0.content.1.image_url.url",
+                                               "max_tokens", "temperature", "stop", "stream", "service_tier",
+                                               "stream_options"]),
+    ("POST", "/admin/tenants"): ({"id": "hyp", "tier": "free", "limits": _LIMITS},
+                                 ["id", "tier", "limits", "limits.tpm", "name"]),
+    ("PATCH", "/admin/tenants/" + PROP_TENANT): ({"name": "n", "limits": _LIMITS, "model_limits": {"m": _LIMITS}},
+                                            ["name", "limits", "limits.rpm", "model_limits", "model_limits.m"]),
+    ("POST", f"/admin/tenants/{PROP_TENANT}/keys"): ({"name": "k", "expires_in": 60, "limits": _LIMITS, "models": ["m"]},
+                                                ["name", "expires_in", "limits", "limits.concurrency", "models"]),
+    ("PATCH", "/admin/keys/{key}"): ({"name": "k", "expires": 4e9, "endpoints": ["chat.completions"]},
+                                     ["name", "expires", "endpoints"]),
+    ("POST", f"/admin/tenants/{PROP_TENANT}/credits"): ({"amount_micros": 1, "kind": "grant", "expires_in": 60, "note": "n"},
+                                                   ["amount_micros", "kind", "expires_in", "note", "id"]),
+    ("POST", "/admin/budgets"): ({"tenant": PROP_TENANT, "name": "b", "amount_micros": 10, "thresholds": [50],
+                                  "webhook_url": "https://hooks.example.com/h"},
+                                 ["tenant", "name", "amount_micros", "period", "window_s", "thresholds", "webhook_url"]),
+}
+
+
+@st.composite
+def hostile_bodies(draw, route) -> bytes:
+    """A body for ``route``: raw bytes, random JSON, or its valid body with one field made hostile."""
+    template, fields = BODY_ROUTES[route]
+    kind = draw(st.sampled_from(["bytes", "json", "field", "field"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=256))
+    if kind == "json":
+        return draw(hostile_fragments())
+    return _with(template, draw(st.sampled_from(fields)), draw(hostile_fragments()))
+
+
+async def test_no_body_makes_a_route_fail(stack, meter):
+    key_id, secret = await _key(stack, PROP_TENANT)
+
+    def run(route):
+        method, path = route
+        token = secret if path.startswith("/v1/") else ADMIN_TOKEN
+
+        @PROPERTY
+        @given(body=hostile_bodies(route), content_type=st.sampled_from(["application/json", None]))
+        def prop(body, content_type):
+            status, answer = _send(stack, method, path.format(key=key_id), body, token, content_type)
+            _assert_refused_cleanly(status, answer, (route, body[:200]))
+
+        prop()
+
+    for route in BODY_ROUTES:
+        await asyncio.to_thread(run, route)
+
+
+_text = st.text(max_size=40) | st.sampled_from(["9" * 30, "nan", "inf", "-1", "1e400", "0x10", "hour", "day,hour",
+                                                "tenant,tenant", "%", "\x00", "..", "a.b", "*", ">"])
+QUERY_ROUTES = [
+    ("GET", "/v1/usage?start={a}&end={b}&limit={c}&group_by={d}"),
+    ("GET", "/admin/usage?tenant={a}&start={b}&group_by={c}&limit={d}"),
+    ("GET", "/admin/keys?tenant={a}"),
+    ("GET", "/admin/budgets?tenant={a}"),
+    ("GET", "/admin/tenants/{a}"),
+    ("GET", "/admin/tenants/{a}/credits"),
+    ("GET", "/admin/keys/{a}"),
+    ("DELETE", "/admin/budgets/{a}"),
+    ("DELETE", "/admin/keys/{a}"),
+    ("PATCH", "/admin/tenants/{a}"),
+]
+
+
+async def test_no_query_or_path_makes_a_route_fail(stack, meter):
+    _, secret = await _key(stack, PROP_TENANT)
+
+    @PROPERTY
+    @given(route=st.sampled_from(QUERY_ROUTES), values=st.lists(_text, min_size=4, max_size=4))
+    def prop(route, values):
+        method, path = route
+        a, b, c, d = (quote(v, safe="") for v in values)
+        token = secret if path.startswith("/v1/") else ADMIN_TOKEN
+        body = b'{"name": "x"}' if method == "PATCH" else None
+        status, answer = _send(stack, method, path.format(a=a, b=b, c=c, d=d), body, token)
+        _assert_refused_cleanly(status, answer, (route, values))
+
+    await asyncio.to_thread(prop)
