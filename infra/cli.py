@@ -11,6 +11,7 @@ from pathlib import Path
 import uvloop
 
 from bus.settings import Settings, SettingsError, load_settings
+from infra.deploy_cli import add_commands as add_deploy_commands
 from infra.nats.roles import role_credentials
 from infra.spending_cli import add_commands as add_spending_commands
 
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("id")
     revoke.set_defaults(run=_cmd_keys_revoke)
     add_spending_commands(sub, _on_bus)
+    add_deploy_commands(sub)
     return parser
 
 
