@@ -171,6 +171,9 @@ async def ensure_work_consumers(js: JetStreamContext, settings: Settings, model:
         await js.add_consumer(
             REQUESTS_STREAM,
             ConsumerConfig(
+                # Named as well: the create request then names its filter in the subject, the one
+                # form a worker's NATS user may send (infra/nats/roles.py).
+                name=work_consumer(model, lane),
                 durable_name=work_consumer(model, lane),
                 filter_subject=request_subject(lane, model),
                 ack_policy=AckPolicy.EXPLICIT,

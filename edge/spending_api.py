@@ -32,11 +32,17 @@ async def get_credits(request: web.Request) -> web.Response:
 
 
 async def add_credits(request: web.Request) -> web.Response:
-    """POST /admin/tenants/{tenant}/credits: record a grant, top-up or refund in the ledger."""
+    """POST /admin/tenants/{tenant}/credits: record a grant, top-up or refund in the ledger.
+
+    ``id`` is an idempotency key scoped to the tenant: the same change under it again is
+    applied once (202, the first entry), a different change is a 409.
+    """
     request.app["auth"].require_admin(request)
     tenant = (await request.app["tenancy"].get_tenant(request.match_info["tenant"])).id
     entry = decode_body(await request.read(), CreditChange).entry(tenant, time.time())
-    await credits.record(request.app["publisher"].js, entry)
+    # The tenant's id is claimed before anything is published: a reused id is a 409 now, not a
+    # silent drop in billing later; a retry gets the first entry back.
+    entry = await credits.record_change(request.app["publisher"].js, entry)
     # Accepted: billing applies the entry to the balance, normally within milliseconds.
     return json_response(entry, 202)
 

@@ -12,7 +12,7 @@ import uvloop
 
 from bus.settings import Settings, SettingsError, load_settings
 from infra.deploy_cli import add_commands as add_deploy_commands
-from infra.nats.roles import role_credentials
+from infra.nats.roles import role_credentials, worker_role
 from infra.spending_cli import add_commands as add_spending_commands
 
 
@@ -137,7 +137,7 @@ def _cmd_issuers_add(settings: Settings, args) -> int:
     from bus.protocol import IssuerGrant
 
     async def go(js):
-        grant = IssuerGrant(args.name, _csv(args.tenants) or [])
+        grant = IssuerGrant(args.name, _csv(args.tenants) or [], role=args.role)
         await register_issuer(js, args.public_key, grant)
         return {"issuer": args.public_key, "grant": grant}
 
@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("public_key")
     add.add_argument("--name", required=True)
     add.add_argument("--tenants", required=True, help="comma-separated tenants, or * for any")
+    add.add_argument("--role", choices=("service", "edge", "worker"), default="service",
+                     help="service: publishes work (SDK); edge: publishes work and holds credits; "
+                          "worker: signs the usage of work it ran")
     add.set_defaults(run=_cmd_issuers_add)
 
     tenants = sub.add_parser("tenants", help="tenants (in NATS KV)").add_subparsers(dest="tenants_command", required=True)
@@ -270,14 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    role = _ROLE_OF.get(args.command, "admin")
+    # Workers connect as their model's own user: they can reach no other model's work.
+    role = worker_role(args.model) if args.command == "worker" else _ROLE_OF.get(args.command, "admin")
     if args.command != "up":
         settings = role_credentials(settings, role)
     return args.run(settings, args)
 
 
 # The NATS role each command runs as; every other command but `up` is an operator's (admin).
-_ROLE_OF = {"edge": "edge", "worker": "worker", "billing": "billing"}
+_ROLE_OF = {"edge": "edge", "billing": "billing"}
 
 
 def _config_path(given: str | None) -> Path | None:

@@ -16,9 +16,7 @@ def _cmd_credits_add(settings, args, on_bus) -> int:
 
     async def go(js):
         tenant = await (await TenancyStore.open(js, set(settings.tiers))).get_tenant(args.tenant)
-        entry = change.entry(tenant.id, time.time())
-        await credits.record(js, entry)
-        return entry
+        return await credits.record_change(js, change.entry(tenant.id, time.time()))  # Conflict if --id was used
 
     return on_bus(settings, go)
 
@@ -86,7 +84,8 @@ def add_commands(sub: argparse._SubParsersAction, on_bus) -> None:
     add.add_argument("--expires-in", type=float, help="seconds until a grant's unspent rest lapses")
     add.add_argument("--request-id", help="the request a refund is for")
     add.add_argument("--note")
-    add.add_argument("--id", help="an id of your own (an invoice number): retrying with it applies the change once")
+    add.add_argument("--id", help="an id of your own (an invoice number), per tenant: retrying with it applies the change once; "
+                          "reusing it for a different change is refused")
     add.set_defaults(run=runs(_cmd_credits_add))
     show = credits.add_parser("show", help="a tenant's available credits")
     show.add_argument("tenant")

@@ -28,6 +28,7 @@ from bus.settings import Settings
 from bus.tenancy import Tenant, hash_key, key_id_of
 from bus.tenancy_store import TenancyStore
 from consumers.models import resolve
+from consumers.serve import worker_identity_path
 from edge.app import edge_identity_path
 from infra.children import Child, stop_group
 from infra.nats import roles
@@ -56,7 +57,10 @@ async def _bootstrap(settings: Settings) -> tuple[str, str]:
         await provision(js, settings)
         # The edge vouches for every tenant it authenticates.
         edge = Identity.load_or_create(edge_identity_path(settings))
-        await register_issuer(js, edge.public_key, IssuerGrant("edge", ["*"]))
+        await register_issuer(js, edge.public_key, IssuerGrant("edge", ["*"], role="edge"))
+        # Workers sign the usage they report with a key of their own.
+        worker = Identity.load_or_create(worker_identity_path(settings))
+        await register_issuer(js, worker.public_key, IssuerGrant("worker", ["*"], role="worker"))
         store = await TenancyStore.open(js, set(settings.tiers))
         with contextlib.suppress(Conflict):
             await store.create_tenant(Tenant(id=DEFAULT_TENANT, tier="pro", name="Default tenant"))
@@ -75,6 +79,7 @@ async def _bootstrap(settings: Settings) -> tuple[str, str]:
 
 
 DEFAULT_TENANT = "default"
+_ADMIN_TOKEN_ENV = "TOLLGATE_EDGE_ADMIN_TOKEN"
 
 
 def _port_free(port: int) -> bool:
@@ -102,14 +107,18 @@ def _children(settings: Settings, env: dict[str, str], passwords: dict[str, str]
     """Every process of the stack, as settings ask: ``processes.edges`` edges, workers per model, billing."""
     policy = settings.processes
 
-    def child(name: str, role: str, *args: str, extra: dict[str, str] | None = None) -> Child:
-        role_env = {**env, **roles.credentials(role, passwords[role]), **(extra or {})}
+    # Only edges serve admin routes, so only they are handed the admin token (an operator's
+    # exported TOLLGATE_EDGE_ADMIN_TOKEN included: nothing else inherits it).
+    base = {k: v for k, v in env.items() if k != _ADMIN_TOKEN_ENV}
+
+    def child(name: str, role: str, *args: str, extra: dict[str, str] | None = None, user: str | None = None) -> Child:
+        user = user or role  # the NATS role; workers have one per model
+        role_env = {**base, **roles.credentials(user, passwords[user]), **(extra or {})}
         return Child(name, role, [sys.executable, "-m", "infra.cli", *args], role_env, policy)
 
-    # Only edges serve admin routes, so only they are handed the admin token.
-    edges = [child(f"edge#{i}", "edge", "edge", extra={"TOLLGATE_EDGE_ADMIN_TOKEN": admin})
+    edges = [child(f"edge#{i}", "edge", "edge", extra={_ADMIN_TOKEN_ENV: admin})
              for i in range(1, policy.edges + 1)]
-    workers = [child(f"worker {name}#{i}", "worker", "worker", "--model", name)
+    workers = [child(f"worker {name}#{i}", "worker", "worker", "--model", name, user=roles.worker_role(name))
                for name in settings.models for i in range(1, policy.workers_per_model + 1)]
     return [child("billing", "billing", "billing"), *edges, *workers]
 
@@ -172,7 +181,7 @@ def up(settings: Settings, config: Path | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     # The configured port when free, so `tollgate tenants/keys` find the server with default settings.
     port = urlparse(settings.nats.url).port or 4222
-    passwords = roles.load_or_create(roles.auth_file(str(state)), tuple(settings.services))
+    passwords = roles.load_or_create(roles.auth_file(str(state)), tuple(settings.services), tuple(settings.models))
     nats_config = state / "nats.conf"
     write_private(nats_config, roles.render(passwords).encode())
     server = NatsServer(state / "nats", port=port if _port_free(port) else None, config=nats_config).start()

@@ -72,6 +72,8 @@ request_timeout_s = 60
 worker_silence_s = 3
 
 [worker]
+# Small enough that a test can fill a lane; larger than any other test's burst.
+max_queued = 80
 heartbeat_s = 0.5
 liveness_s = 0.5
 ack_wait_s = 3
@@ -190,7 +192,8 @@ def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stack")
     edge_port = free_port()
     config = _config(tmp, edge_port)
-    passwords = roles.load_or_create(tmp / "nats-auth.json", services=SERVICES)
+    passwords = roles.load_or_create(tmp / "nats-auth.json", services=SERVICES,
+                                     models=(CHAT_MODEL, SPARE_MODEL, UNSERVED_MODEL))
     (tmp / "nats.conf").write_text(roles.render(passwords))
     server = NatsServer(tmp / "nats", config=tmp / "nats.conf").start()
     st = Stack(tmp, config, server.url, edge_port, passwords)
@@ -213,7 +216,7 @@ def stack(tmp_path_factory):
     # Fetch and convert the weights once, before any worker races to do it.
     subprocess.run([sys.executable, "-m", "infra.cli", "models", "pull", CHAT_MODEL], env=st.env, cwd=ROOT, check=True)
     st.spawn("edge", "edge")
-    st.spawn("worker", "worker", "--model", CHAT_MODEL)
+    st.spawn(roles.worker_role(CHAT_MODEL), "worker", "--model", CHAT_MODEL)
     try:
         st.wait_serving(CHAT_MODEL)
         yield st

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from datetime import datetime, timezone
 
@@ -243,6 +244,9 @@ async def test_a_request_held_across_a_lapse_is_paid_by_that_grant_and_takes_no_
     {"amount_micros": 0}, {"amount_micros": 2**63}, {"amount_micros": 5, "kind": "refund", "expires_in": 9},
     {"amount_micros": 5, "kind": "gift"}, {"amount_micros": 5, "expires_at": 1_767_225_600_000},
     {"amount_micros": 5, "expires_in": -60}, {"amount_micros": 5, "expires_in": 60, "expires_at": 2e9},
+    # ids billing makes itself (an expiry of grant g, a debit), and ids of no length or no bound
+    {"amount_micros": 5, "id": "expire-g-0"}, {"amount_micros": 5, "id": "debit-r1"}, {"amount_micros": 5, "id": ""},
+    {"amount_micros": 5, "id": "x" * 257},
 ])
 async def test_bad_credit_changes_are_refused_and_nothing_is_recorded(stack, nc, meter, change):
     before = (await nc.jetstream().stream_info(EVENTS_STREAM)).state.last_seq
@@ -271,6 +275,61 @@ async def test_a_retried_grant_is_applied_once(stack, nc, meter, clickhouse):
     await asyncio.sleep(1.0)  # long enough for a second application to show, were there one
     assert await credits.available(nc.jetstream(), tenant) == 7_000
     assert len(await _ledger(clickhouse, tenant)) == 1
+
+
+async def _credit(stack, tenant: str, amount: int, entry_id: str, **extra) -> tuple[int, dict]:
+    return await admin(stack, "POST", f"/admin/tenants/{tenant}/credits",
+                       json={"amount_micros": amount, "id": entry_id, **extra})
+
+
+async def test_ledger_ids_are_per_tenant(stack, nc, meter, clickhouse):
+    a, b = "prepaid-ids-a", "prepaid-ids-b"
+    for tenant in (a, b):
+        await _prepaid_tenant(stack, tenant)
+        status, entry = await _credit(stack, tenant, 1_000, "inv-1")
+        assert status == 202 and entry["tenant"] == tenant, entry
+
+    async def both_applied():
+        return [await credits.available(nc.jetstream(), t) for t in (a, b)] == [1_000, 1_000]
+
+    await eventually(both_applied)
+    for tenant in (a, b):
+        assert await eventually(lambda: _ledger(clickhouse, tenant)) == [("grant", 1_000, None, None)]
+
+
+async def test_billing_applies_another_tenants_entry_under_a_used_id(stack, nc, meter, clickhouse):
+    # Straight onto the bus, under a message id of its own: only billing's ledger lookup decides.
+    a, b = "prepaid-bus-a", "prepaid-bus-b"
+    for tenant in (a, b):
+        await _prepaid_tenant(stack, tenant)
+        entry = CreditEntry(id="inv-bus", tenant=tenant, kind="grant", amount_micros=500, at=time.time())
+        await nc.jetstream().publish(credit_event_subject(tenant), encode(entry), headers={MSG_ID_HEADER: tenant})
+        await eventually(lambda: _ledger(clickhouse, tenant))
+    assert await credits.available(nc.jetstream(), b) == 500
+
+
+async def test_an_id_reused_for_a_different_change_is_a_conflict_and_a_retry_is_applied_once(stack, nc, meter,
+                                                                                            clickhouse):
+    tenant = "prepaid-reuse"
+    await _prepaid_tenant(stack, tenant)
+    status, first = await _credit(stack, tenant, 1_000, "inv-9")
+    assert status == 202
+    for amount, extra in ((2_000, {}), (1_000, {"kind": "topup"})):
+        status, body = await _credit(stack, tenant, amount, "inv-9", **extra)
+        assert status == 409 and body["error"]["code"] == "idempotency_key_reused", body
+        assert body["error"]["param"] == "id"
+    status, again = await _credit(stack, tenant, 1_000, "inv-9", note="sent again")
+    assert status == 202 and again == first  # the entry that stands, as first recorded
+    with pytest.raises(subprocess.CalledProcessError):  # the CLI refuses it too
+        await asyncio.to_thread(stack.cli, "credits", "add", tenant, "3000", "--id", "inv-9")
+
+    async def applied():
+        return await credits.available(nc.jetstream(), tenant) == 1_000
+
+    await eventually(applied)
+    await asyncio.sleep(1.0)  # long enough for a second application to show, were there one
+    assert await credits.available(nc.jetstream(), tenant) == 1_000
+    assert await _ledger(clickhouse, tenant) == [("grant", 1_000, None, None)]
 
 
 async def test_an_operator_grants_credits_and_sets_a_budget_from_the_cli(stack, nc, meter):

@@ -7,9 +7,18 @@ import asyncio
 import nats.errors
 import pytest
 
-from bus.subjects import KEYS_BUCKET, REQUESTS_STREAM, request_subject
+from bus.provision import ensure_work_consumers
+from bus.subjects import (
+    ISSUERS_BUCKET, KEYS_BUCKET, LANES, REQUESTS_STREAM, WORKERS_BUCKET, budget_event_subject, liveness_key, request_subject,
+    request_wildcard, usage_subject, work_consumer,
+)
 from bus.tenancy import key_id_of
-from tests.conftest import CHAT_MODEL
+from infra import supervisor
+from infra.nats.roles import worker_role
+from tests.conftest import CHAT_MODEL, DEFAULT_TENANT
+
+# A model no worker serves in the suite: work queued for it stays put unless a worker steals it.
+OTHER_MODEL = "not-served-here"
 
 
 class Violations:
@@ -23,16 +32,92 @@ class Violations:
 
         self.callback = record
 
+    def refused(self, subject: str) -> bool:
+        return any("permissions violation" in v.lower() and subject in v for v in self.seen)
 
-async def test_a_worker_cannot_publish_work(stack, nc):
-    violations = Violations()
-    worker = await stack.connect("worker", error_cb=violations.callback)
-    before = (await nc.jetstream().stream_info(REQUESTS_STREAM)).state.last_seq
+
+async def _refused_write(conn, subject: str, data: bytes = b"forged") -> None:
+    """A JetStream publish the server must drop (no ack ever comes)."""
     with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
-        await worker.jetstream().publish(request_subject("normal", CHAT_MODEL), b"forged work", timeout=1)
+        await conn.jetstream().publish(subject, data, timeout=1)
+
+
+async def test_a_worker_cannot_publish_work_write_the_issuer_registry_or_announce_another_model(stack, nc):
+    violations = Violations()
+    worker = await stack.connect(worker_role(CHAT_MODEL), error_cb=violations.callback)
+    before = (await nc.jetstream().stream_info(REQUESTS_STREAM)).state.last_seq
+    await _refused_write(worker, request_subject("normal", CHAT_MODEL), b"forged work")
+    await _refused_write(worker, f"$KV.{ISSUERS_BUCKET}.forged")
+    # Announcing a live worker of a model it does not serve would send that model's work to nobody.
+    other_liveness = f"$KV.{WORKERS_BUCKET}.{liveness_key(OTHER_MODEL, 'forged')}"
+    await _refused_write(worker, other_liveness)
     await worker.close()
-    assert any("permissions violation" in v.lower() for v in violations.seen)
+    for subject in (request_subject("normal", CHAT_MODEL), f"$KV.{ISSUERS_BUCKET}.forged", other_liveness):
+        assert violations.refused(subject), (subject, violations.seen)
     assert (await nc.jetstream().stream_info(REQUESTS_STREAM)).state.last_seq == before
+
+
+async def test_a_worker_of_one_model_cannot_pull_be_rung_for_or_retarget_another_models_work(stack, nc):
+    js = nc.jetstream()
+    await ensure_work_consumers(js, stack.settings, OTHER_MODEL)
+    await js.publish(request_subject("normal", OTHER_MODEL), b"another model's work")
+    theirs = work_consumer(OTHER_MODEL, "normal")
+    violations = Violations()
+    worker = await stack.connect(worker_role(CHAT_MODEL), error_cb=violations.callback)
+    try:
+        inbox = worker.new_inbox()
+        pulled = await worker.subscribe(inbox)
+        steal = f"$JS.API.CONSUMER.MSG.NEXT.{REQUESTS_STREAM}.{theirs}"
+        await worker.publish(steal, b'{"batch": 1, "no_wait": true}', reply=inbox)
+        # Its own consumer pointed at the other model's subject, in every form of the create call.
+        mine = work_consumer(CHAT_MODEL, "normal")
+        retarget = (f"$JS.API.CONSUMER.CREATE.{REQUESTS_STREAM}.{mine}.{request_subject('normal', OTHER_MODEL)}",
+                    f"$JS.API.CONSUMER.DURABLE.CREATE.{REQUESTS_STREAM}.{mine}",
+                    f"$JS.API.CONSUMER.CREATE.{REQUESTS_STREAM}.{mine}")
+        for subject in retarget:
+            await worker.publish(subject, b"{}", reply=inbox)
+        await worker.subscribe(request_wildcard(OTHER_MODEL))  # the other model's doorbell
+        await worker.subscribe(request_wildcard(CHAT_MODEL))  # its own: allowed
+        await worker.flush()
+        await asyncio.sleep(0.5)
+        with pytest.raises(nats.errors.TimeoutError):
+            await pulled.next_msg(timeout=0.5)
+        for subject in (steal, *retarget, request_wildcard(OTHER_MODEL)):
+            assert violations.refused(subject), (subject, violations.seen)
+        assert not violations.refused(request_wildcard(CHAT_MODEL))
+        assert (await js.consumer_info(REQUESTS_STREAM, theirs)).num_pending == 1  # still there
+    finally:
+        await worker.close()
+        await js.purge_stream(REQUESTS_STREAM, subject=request_subject("normal", OTHER_MODEL))
+        for lane in LANES:
+            await js.delete_consumer(REQUESTS_STREAM, work_consumer(OTHER_MODEL, lane))
+
+
+async def test_the_edge_cannot_write_the_issuer_registry_or_forge_alerts_or_usage(stack):
+    violations = Violations()
+    edge = await stack.connect("edge", error_cb=violations.callback)
+    forged = (f"$KV.{ISSUERS_BUCKET}.forged", budget_event_subject(DEFAULT_TENANT), usage_subject(DEFAULT_TENANT))
+    for subject in forged:
+        await _refused_write(edge, subject)
+    await edge.close()
+    for subject in forged:
+        assert violations.refused(subject), (subject, violations.seen)
+
+
+def test_only_edges_are_handed_the_admin_token_and_each_worker_its_own_models_user(stack):
+    # The operator exported the token for the edges; billing and workers must not inherit it.
+    env = {"PATH": "/usr/bin", "TOLLGATE_EDGE_ADMIN_TOKEN": "tga-exported"}
+    children = supervisor._children(stack.settings, env, stack.passwords, "tga-exported")
+    edges = [c for c in children if c.role == "edge"]
+    assert edges and all(c.env["TOLLGATE_EDGE_ADMIN_TOKEN"] == "tga-exported" for c in edges)
+    others = [c for c in children if c.role != "edge"]
+    assert {c.role for c in others} == {"billing", "worker"}
+    assert not [c.name for c in others if "TOLLGATE_EDGE_ADMIN_TOKEN" in c.env]
+    for c in others:
+        if c.role == "worker":
+            model = c.argv[-1]
+            assert c.env["TOLLGATE_NATS_USER"] == f"worker_{model}"
+            assert c.env["TOLLGATE_NATS_PASSWORD"] == stack.passwords[worker_role(model)]
 
 
 async def test_a_service_cannot_read_another_services_replies(stack, nc):

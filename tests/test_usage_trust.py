@@ -20,7 +20,8 @@ from bus.protocol import IssuerGrant, Ticket, UsageReport, encode
 from bus.signing import Identity
 from bus.subjects import DEAD_LETTER_STREAM, usage_subject
 from bus.tenancy import Tenant
-from tests.conftest import UsageSigner, admin, eventually, usage_event, usage_rows
+from infra.nats.roles import worker_role
+from tests.conftest import CHAT_MODEL, UsageSigner, admin, eventually, usage_event, usage_rows
 
 
 async def _prepaid(stack, nc, tenant: str, amount: int) -> None:
@@ -60,7 +61,7 @@ async def test_forged_usage_mints_no_credits_and_bills_nobody(stack, nc, meter, 
     js = nc.jetstream()
     signer = UsageSigner.current
     await _prepaid(stack, nc, "mint-victim", 1_000)
-    conn = await stack.connect("worker")  # what an attacker holding the worker role's credentials can do
+    conn = await stack.connect(worker_role(CHAT_MODEL))  # what an attacker holding the worker role's credentials can do
     wjs = conn.jetstream()
     rogue_service = Identity.generate()
     await register_issuer(js, rogue_service.public_key, IssuerGrant("mint-svc", ["mint-victim"]))

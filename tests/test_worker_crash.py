@@ -10,13 +10,14 @@ import openai
 import pytest
 
 from bus.subjects import REQUESTS_STREAM
+from infra.nats.roles import worker_role
 from tests.conftest import SPARE_MODEL, eventually, request_id, usage_rows
 
 STORY = [{"role": "user", "content": "Write a very long story about a dragon who learns to bake bread."}]
 
 
 async def test_killed_worker_fails_the_request_well_within_its_deadline(stack, client, nc, clickhouse):
-    worker = stack.spawn("worker", "worker", "--model", SPARE_MODEL)
+    worker = stack.spawn(worker_role(SPARE_MODEL), "worker", "--model", SPARE_MODEL)
     await asyncio.to_thread(stack.wait_serving, SPARE_MODEL)
     stream = await client.chat.completions.create(
         model=SPARE_MODEL, messages=STORY, temperature=0, max_tokens=1500, stream=True
@@ -35,7 +36,7 @@ async def test_killed_worker_fails_the_request_well_within_its_deadline(stack, c
 
     # A new worker sees the redelivered message after ack_wait, and terminates it unrun:
     # the client has gone, so running it would bill for an answer nobody receives.
-    replacement = stack.spawn("worker", "worker", "--model", SPARE_MODEL)
+    replacement = stack.spawn(worker_role(SPARE_MODEL), "worker", "--model", SPARE_MODEL)
     js = nc.jetstream()
 
     async def queue_empty():

@@ -4,6 +4,9 @@ Each role has its own inbox prefix, so the answers to its JetStream API calls
 (which can carry tenant records) are readable by it alone. Rendered into a
 nats-server ``authorization`` block by ``render``; ``tollgate up`` and the
 tests run with it, and a production cluster takes the same block.
+
+Workers get a user per model (``worker:<model>``): a worker holding one
+model's credentials can pull, be rung for and announce only that model's work.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from bus.subjects import (
     BUDGET_STATE_BUCKET,
     BUDGETS_BUCKET,
     CANCELLED_BUCKET,
+    CREDIT_IDS_BUCKET,
     CREDITS_STREAM,
     EVENTS_STREAM,
     HOLDS_STREAM,
     INFLIGHT_BUCKET,
     ISSUERS_BUCKET,
+    LANES,
     KEYS_BUCKET,
     METER_CONSUMER,
     REQUESTS_STREAM,
@@ -30,9 +35,19 @@ from bus.subjects import (
     USAGE_STREAM,
     PUBLISHERS_BUCKET,
     WORKERS_BUCKET,
+    request_subject,
+    request_wildcard,
+    token,
+    work_consumer,
 )
 
-ROLES = ("admin", "edge", "worker", "billing")
+# Roles every deployment has; workers add ``worker:<model>`` per model, services ``svc:<name>``.
+ROLES = ("admin", "edge", "billing")
+
+
+def worker_role(model: str) -> str:
+    """The NATS role of workers serving ``model``."""
+    return f"worker:{model}"
 
 
 def inbox(role: str) -> str:
@@ -68,6 +83,22 @@ def _consume(stream: str) -> list[str]:
     ]
 
 
+def _consume_own_work(model: str) -> list[str]:
+    """Pull from and ack on ``model``'s lane consumers, and (re)create them, nothing else in REQUESTS.
+
+    Consumers are created only in the form that names their filter in the subject (the
+    server checks that the body's filter is the same), so a worker cannot point one of
+    its consumers at another model's subjects; the forms without it are not allowed.
+    """
+    api = f"$JS.API.CONSUMER.%s.{REQUESTS_STREAM}"
+    rights = []
+    for lane in LANES:
+        consumer = work_consumer(model, lane)
+        rights += [f"{api % 'CREATE'}.{consumer}.{request_subject(lane, model)}", f"{api % 'INFO'}.{consumer}",
+                   f"{api % 'MSG.NEXT'}.{consumer}", f"$JS.ACK.{REQUESTS_STREAM}.{consumer}.>"]
+    return rights
+
+
 def _read_counters(stream: str) -> list[str]:
     return [f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>"]
 
@@ -81,16 +112,23 @@ def permissions(role: str) -> dict:
         pub = ["tg.req.>", "tg.cancel.>", "tg.rl.>", USAGE_QUERY_SUBJECT, *_kv_write(CANCELLED_BUCKET), *_kv_write(INFLIGHT_BUCKET),
                *_kv_write(TENANTS_BUCKET), *_kv_write(KEYS_BUCKET), *_kv_read(WORKERS_BUCKET), *_kv_read(ISSUERS_BUCKET),
                *_kv_write(PUBLISHERS_BUCKET),  # announces itself: workers drop a dead edge's work
-               # credit holds, ledger entries from the admin API, ended holds; budgets and their state
+               # credit holds and their ends, ledger entries from the admin API under ids claimed per
+               # tenant; budgets and their state. Never budget alerts or usage: those are billing's.
                "tg.credit.>", "tg.event.credit.>", "tg.hold.>", *_read_counters(CREDITS_STREAM),
+               *_kv_write(CREDIT_IDS_BUCKET),
                *_kv_write(BUDGETS_BUCKET), *_kv_read(BUDGET_STATE_BUCKET)]
         # Edges own the HTTP connections of every tenant, so they may read any edge's replies.
         sub = ["tg.reply.>"]
-    elif role == "worker":
-        pub = ["tg.reply.>", "tg.usage.>", *_consume(REQUESTS_STREAM), *_kv_write(WORKERS_BUCKET),
+    elif role.startswith("worker:"):
+        model = role.removeprefix("worker:")
+        # Replies and usage are per request and tenant, not per model: any worker may send them,
+        # and what they claim is checked by their reader (signed usage, reply prefixes).
+        pub = ["tg.reply.>", "tg.usage.>", *_consume_own_work(model),
+               f"$JS.API.STREAM.INFO.KV_{WORKERS_BUCKET}", f"$KV.{WORKERS_BUCKET}.{token(model)}.>",  # its liveness
                *_kv_read(PUBLISHERS_BUCKET), "tg.dead.work",  # work whose publisher is gone is dead-lettered
                *_kv_read(ISSUERS_BUCKET), *_kv_read(CANCELLED_BUCKET)]
-        sub = ["tg.req.>", "tg.cancel.>"]  # the doorbell and cancels; never publish work
+        # Its model's doorbell and every cancel; never publish work.
+        sub = [request_wildcard(model), "tg.cancel.*"]
     elif role == "billing":
         # Deleting its consumer is only for moving an older meter's consumer to explicit acks.
         pub = [*_consume(USAGE_STREAM), f"$JS.API.CONSUMER.DELETE.{USAGE_STREAM}.{METER_CONSUMER}",
@@ -115,6 +153,8 @@ def permissions(role: str) -> dict:
 
 
 def _user(role: str) -> str:
+    if role.startswith("worker:"):  # a model name may hold dots, which NATS user inboxes cannot
+        return "worker_" + token(role.removeprefix("worker:"))
     return role.replace(":", "_")
 
 
@@ -159,10 +199,11 @@ def role_credentials(settings, role: str):
     return as_role(settings, role, password) if password else settings
 
 
-def load_or_create(path: Path, services: tuple[str, ...] = ()) -> dict[str, str]:
-    """Passwords for every role (and ``svc:<name>`` per service), kept in ``path`` (mode 0600)."""
+def load_or_create(path: Path, services: tuple[str, ...] = (), models: tuple[str, ...] = ()) -> dict[str, str]:
+    """Passwords for every role (``svc:<name>`` per service, ``worker:<model>`` per model), kept in
+    ``path`` (mode 0600). Roles no longer wanted (a removed model) are dropped."""
     existing = json.loads(path.read_text()) if path.exists() else {}
-    wanted = [*ROLES, *(f"svc:{s}" for s in services)]
+    wanted = [*ROLES, *(f"svc:{s}" for s in services), *(worker_role(m) for m in models)]
     passwords = {role: existing.get(role) or secrets.token_urlsafe(18) for role in wanted}
     if passwords != existing:
         write_private(path, json.dumps(passwords).encode())
