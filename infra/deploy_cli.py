@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from bus.settings import Settings
@@ -17,11 +18,13 @@ def _cmd_nats_auth(settings: Settings, args) -> int:
     forms (and a local ``tollgate up`` in that state dir) agree.
     """
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
-    passwords = roles.load_or_create(roles.auth_file(settings.state_dir), tuple(settings.services))
+    passwords = roles.load_or_create(roles.auth_file(settings.state_dir), tuple(settings.services),
+                                     tuple(settings.models))  # a worker user per model
     if args.env:
         for role, password in passwords.items():
             user = roles.credentials(role, password)["TOLLGATE_NATS_USER"]
-            print(f"NATS_PASSWORD_{user.upper()}={password}")
+            # A variable name (compose, secrets) has no dashes: worker_smollm2-135m -> WORKER_SMOLLM2_135M.
+            print(f"NATS_PASSWORD_{re.sub(r'[^A-Z0-9_]', '_', user.upper())}={password}")
     else:
         print(roles.render(passwords), end="")
     return 0

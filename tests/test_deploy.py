@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from bus.settings import Settings, _apply_env, load_settings
+from infra.nats import roles
 
 DEPLOY = Path(__file__).resolve().parent.parent / "infra" / "deploy"
 SETTINGS_FILE = DEPLOY / "tollgate.toml"
@@ -109,6 +110,10 @@ def test_the_production_layout():
         assert compose[f"worker-{model}"]["command"] == ["worker", "--model", model]
         worker = manifests[("Deployment", f"worker-{model}")]["spec"]["template"]["spec"]["containers"][0]
         assert worker["args"] == ["worker", "--model", model]
+        # Each model's workers connect as that model's own NATS user (least privilege).
+        user = roles.credentials(roles.worker_role(model), "")["TOLLGATE_NATS_USER"]
+        assert compose[f"worker-{model}"]["environment"]["TOLLGATE_NATS_USER"] == user
+        assert {"name": "TOLLGATE_NATS_USER", "value": user} in worker["env"]
     # Prometheus and Grafana.
     assert {"prometheus", "grafana"} <= set(compose)
     assert {("Deployment", "prometheus"), ("Deployment", "grafana")} <= set(manifests)
