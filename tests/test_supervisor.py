@@ -75,7 +75,7 @@ liveness_s = 0.5
 edges = 2
 restart_backoff_s = 0.2
 crash_loop_restarts = {CRASH_LOOP_RESTARTS}
-drain_grace_s = 30
+drain_grace_s = 90  # generous: the drain test's requests run on two shared cores
 stop_timeout_s = 10
 
 {model_tables}""")
@@ -283,20 +283,20 @@ async def test_sigterm_drains_edges_first_and_requests_in_flight_finish(stack):
     """Last: it stops the stack. Queued requests still run, because workers outlive the edges' drain."""
     children = set(stack.children())
     client = stack.client()
-    asks = [asyncio.create_task(_ask(client, f"Count to {n}.", max_tokens=24)) for n in range(3)]
+    asks = [asyncio.create_task(_ask(client, f"Count to {n}.", max_tokens=6)) for n in range(2)]
     nc = await stack.admin_nats()
     try:
         deadline = time.monotonic() + 30
-        # All three published: one running on the only worker, two queued behind it.
-        while (await nc.jetstream().stream_info(REQUESTS_STREAM)).state.messages < 3:
+        # Both published: one running on the only worker, one queued behind it.
+        while (await nc.jetstream().stream_info(REQUESTS_STREAM)).state.messages < 2:
             assert time.monotonic() < deadline, "the requests were never queued"
             await asyncio.sleep(0.05)
     finally:
         await nc.close()
     stack.proc.send_signal(signal.SIGTERM)
-    finishes = await asyncio.wait_for(asyncio.gather(*asks), timeout=60)
+    finishes = await asyncio.wait_for(asyncio.gather(*asks), timeout=120)
     assert all(f in ("stop", "length") for f in finishes)
-    assert await asyncio.to_thread(stack.proc.wait, 60) == 0
+    assert await asyncio.to_thread(stack.proc.wait, 120) == 0
     log = stack.log()
     order = [log.index(line) for line in ("stopping edges", "stopping workers and billing", "stopping nats-server")]
     assert order == sorted(order)
