@@ -33,7 +33,7 @@ class Violations:
         self.callback = record
 
     def refused(self, subject: str) -> bool:
-        return any("permissions violation" in v.lower() and subject in v for v in self.seen)
+        return any("permissions violation" in v.lower() and subject.lower() in v.lower() for v in self.seen)
 
 
 async def _refused_write(conn, subject: str, data: bytes = b"forged") -> None:
