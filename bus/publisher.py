@@ -13,6 +13,7 @@ import logging
 import time
 from typing import AsyncIterator
 
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -159,6 +160,9 @@ class Publisher:
                 if exc.err_code == _STREAM_FULL:  # this model's lane holds max_queued already
                     queued = False
                     raise QueueFull(f"The queue for '{model}' is full right now. Try again shortly.") from None
+                raise
+            except nats.errors.MaxPayloadError:
+                queued = False  # refused by the client library before anything was sent
                 raise
             yield call
         finally:

@@ -6,8 +6,10 @@ import hashlib
 import re
 import secrets
 import time
+from typing import Annotated
 
 import msgspec
+from msgspec import Meta
 
 from bus.subjects import LANES, token
 
@@ -19,9 +21,9 @@ _KEY_ID_LEN = 12
 class Limits(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, frozen=True):
     """Per-minute requests and tokens, and requests in flight; None means no limit."""
 
-    rpm: int | None = None
-    tpm: int | None = None
-    concurrency: int | None = None
+    rpm: Annotated[int, Meta(ge=0, le=2**62)] | None = None
+    tpm: Annotated[int, Meta(ge=0, le=2**62)] | None = None
+    concurrency: Annotated[int, Meta(ge=0, le=2**31)] | None = None
 
     def over(self, base: "Limits") -> "Limits":
         """These limits where set, ``base``'s elsewhere."""

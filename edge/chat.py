@@ -6,10 +6,11 @@ import asyncio
 import time
 
 import msgspec
+import nats.errors
 from aiohttp import web
 
 from bus.chat import ChatResults, to_body
-from bus.errors import ModelNotFound, NoCapacity, QueueFull, TollgateError
+from bus.errors import ModelNotFound, NoCapacity, TollgateError
 from bus.ids import new_request_id
 from bus.openai_types import ChatCompletionRequest
 from bus.protocol import ChatBody
@@ -61,7 +62,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if call is not None:
             exc.request_id = call.envelope.id  # the error response names the request, as a success would
         else:
-            queued = not isinstance(exc, (NoCapacity, QueueFull))
+            queued = not isinstance(exc, NoCapacity)  # no worker left, or the lane full
+        raise
+    except nats.errors.MaxPayloadError:
+        queued = False  # never sent: edge.errors answers it 413
         raise
     finally:
         used = call.final.usage if call and call.final else None

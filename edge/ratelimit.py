@@ -222,7 +222,7 @@ class RateLimiter:
                        if getattr(lim, limit_of) is not None]
             for budget in budgets:
                 if not await budget.take(amount, now):
-                    self._give_back(taken, window)
+                    await self._give_back(taken, window)
                     who = "this API key" if budget.scope.startswith("k.") else "your organization"
                     model = " for this model" if ".m." in budget.scope else ""
                     raise RateLimited(
@@ -247,7 +247,7 @@ class RateLimiter:
                                        return_exceptions=True)
             admission.in_flight = [scope for (scope, _), ok in zip(limited, got) if ok is True]
             if not all(ok is True for ok in got):
-                self._give_back(taken, window)
+                await self._give_back(taken, window)
                 await self._release(admission)
                 failure = next((ok for ok in got if isinstance(ok, BaseException)), None)
                 if failure is not None:
@@ -260,12 +260,12 @@ class RateLimiter:
                 )
         return admission
 
-    def _give_back(self, taken: list[tuple[MinuteBudget, int]], window: int) -> None:
+    async def _give_back(self, taken: list[tuple[MinuteBudget, int]], window: int) -> None:
         for budget, amount in taken:
             excess = budget.give_back(amount, window)
-            if excess:  # more than a lease: back to the shared counter with the next flush
-                subject = rate_counter(budget.metric, budget.scope, window)
-                self._corrections[subject] = self._corrections.get(subject, 0) - excess
+            if excess:  # more than a lease: back to the shared counter now, for every edge to use
+                with contextlib.suppress(Exception):  # lost, it only under-admits until the minute ends
+                    await add(self._js, rate_counter(budget.metric, budget.scope, window), -excess)
 
     def finish_soon(self, admission: Admission, actual_tokens: int | None) -> None:
         """``finish`` off the response's path: the client need not wait for the bookkeeping."""
