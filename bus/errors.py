@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import msgspec
 
+# JetStream's error code when a stream (or one subject of it) is at its limit and refuses new messages.
+JS_STREAM_FULL = 10077
+
 
 class ErrorInfo(msgspec.Struct, frozen=True):
     """An error as it crosses a process boundary."""

@@ -19,7 +19,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus.envelopes import seal
-from bus.errors import DeadlineExceeded, NoCapacity, QueueFull, TollgateError, WorkerFailed
+from bus.errors import JS_STREAM_FULL, DeadlineExceeded, NoCapacity, QueueFull, TollgateError, WorkerFailed
 from bus.ids import new_request_id
 from bus.liveness import LiveWorkers, announced
 from bus.protocol import Delta, Envelope, Failed, Final, Frame, RequestBody, Started, decode_frame
@@ -27,9 +27,6 @@ from bus.signing import Identity
 from bus.subjects import CANCELLED_BUCKET, PUBLISHERS_BUCKET, WORKERS_BUCKET, cancel_subject, reply_subject, reply_wildcard, request_subject
 
 log = logging.getLogger(__name__)
-
-# JetStream's answer when a stream (or one subject of it) is at its limit and discards new messages.
-_STREAM_FULL = 10077
 
 
 class Call:
@@ -157,7 +154,7 @@ class Publisher:
             try:
                 await self.js.publish(request_subject(lane, model), data, headers=headers)
             except nats.js.errors.APIError as exc:
-                if exc.err_code == _STREAM_FULL:  # this model's lane holds max_queued already
+                if exc.err_code == JS_STREAM_FULL:  # this model's lane holds max_queued already
                     queued = False
                     raise QueueFull(f"The queue for '{model}' is full right now. Try again shortly.") from None
                 raise

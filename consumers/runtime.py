@@ -22,7 +22,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus.envelopes import MSG_ID_HEADER, TICKET_HEADER, open_envelope, seal_usage
-from bus.errors import BadEnvelope, DeadlineExceeded, TollgateError, WorkerFailed
+from bus.errors import JS_STREAM_FULL, BadEnvelope, DeadlineExceeded, TollgateError, WorkerFailed
 from bus.issuers import watch_issuers
 from bus.dead_letters import dead_letter
 from bus.liveness import LivePublishers, announced
@@ -283,10 +283,15 @@ class Worker:
         while True:
             try:
                 await self.js.publish(subject, data, headers=headers)
-                return
             except Exception as exc:
-                log.warning("usage for %s not stored yet (%s); retrying", headers[MSG_ID_HEADER], exc)
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 2.0)
+                if isinstance(exc, nats.js.errors.APIError) and exc.err_code == JS_STREAM_FULL:
+                    log.error("usage for %s waits: the USAGE stream is full (billing is down or far behind); "
+                              "retrying", headers[MSG_ID_HEADER])
+                else:
+                    log.warning("usage for %s not stored yet (%s); retrying", headers[MSG_ID_HEADER], exc)
+            else:
+                return
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
