@@ -7,14 +7,22 @@ import nats
 
 from bus.settings import NatsSettings
 
+# Between two tries of one server. A node that is lost is left for the next in the list at
+# once; this only paces the retries when every node is down.
+_RECONNECT_WAIT_S = 0.5
+
 
 async def connect(settings: NatsSettings, name: str, *, service: bool = True) -> Client:
     """A connection with this role's credentials and inbox prefix.
 
-    A long-running ``service`` reconnects for ever; a one-shot command fails fast.
+    A long-running ``service`` reconnects for ever; a one-shot command fails fast. Either
+    is given every server of the cluster, so it connects, and a service reconnects, to
+    whichever node is up.
     """
     auth = {"user": settings.user, "password": settings.password} if settings.user else {}
     return await nats.connect(
-        settings.url, name=name, inbox_prefix=settings.inbox_prefix.encode(),
-        max_reconnect_attempts=-1 if service else 0, allow_reconnect=service, **auth,
+        settings.servers, name=name, inbox_prefix=settings.inbox_prefix.encode(),
+        max_reconnect_attempts=-1 if service else 0, allow_reconnect=service,
+        reconnect_time_wait=_RECONNECT_WAIT_S, **auth,
     )
+

@@ -67,15 +67,19 @@ async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> None:
         stream = (await js.stream_info(f"KV_{config.bucket}")).config
         stream.max_age = config.ttl
         stream.max_msgs_per_subject = config.history
+        stream.num_replicas = config.replicas
         await js.update_stream(stream)
 
 
 async def provision(js: JetStreamContext, settings: Settings) -> None:
     """Create or update every stream and bucket the gateway needs."""
     window = settings.max_deadline_s
+    # Consumers are made without a replica count, so each has its stream's.
+    replicas = settings.nats.replicas
     await _ensure_stream(
         js,
         StreamConfig(
+            num_replicas=replicas,
             name=REQUESTS_STREAM,
             subjects=["tg.req.>"],
             retention=RetentionPolicy.WORK_QUEUE,
@@ -95,6 +99,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     await _ensure_stream(
         js,
         StreamConfig(
+            num_replicas=replicas,
             name=USAGE_STREAM,
             subjects=["tg.usage.>"],
             # Kept exactly until the meter has stored (and acked) it; replays come from ClickHouse.
@@ -112,26 +117,27 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     await ensure_meter_consumer(js, settings)
     await _ensure_stream(
         js,
-        StreamConfig(name=DEAD_LETTER_STREAM, subjects=["tg.dead.>"], storage=StorageType.FILE,
+        StreamConfig(name=DEAD_LETTER_STREAM, num_replicas=replicas, subjects=["tg.dead.>"], storage=StorageType.FILE,
                      max_age=30 * 86400, max_bytes=1024**3, duplicate_window=2 * window),
     )
     liveness_ttl = 3 * settings.worker.liveness_s
     for config in (
-        KeyValueConfig(bucket=WORKERS_BUCKET, history=1, ttl=liveness_ttl, limit_marker_ttl=1.0),
-        KeyValueConfig(bucket=PUBLISHERS_BUCKET, history=1, ttl=liveness_ttl, limit_marker_ttl=1.0),
-        KeyValueConfig(bucket=ISSUERS_BUCKET, history=1),
-        KeyValueConfig(bucket=CANCELLED_BUCKET, history=1, ttl=window),
-        KeyValueConfig(bucket=TENANTS_BUCKET, history=5),
-        KeyValueConfig(bucket=KEYS_BUCKET, history=5),
-        KeyValueConfig(bucket=INFLIGHT_BUCKET, history=1),
-        KeyValueConfig(bucket=BUDGETS_BUCKET, history=5),
-        KeyValueConfig(bucket=BUDGET_STATE_BUCKET, history=1),
-        KeyValueConfig(bucket=CREDIT_IDS_BUCKET, history=1),  # no TTL: an id is taken for good
+        KeyValueConfig(replicas=replicas, bucket=WORKERS_BUCKET, history=1, ttl=liveness_ttl, limit_marker_ttl=1.0),
+        KeyValueConfig(replicas=replicas, bucket=PUBLISHERS_BUCKET, history=1, ttl=liveness_ttl, limit_marker_ttl=1.0),
+        KeyValueConfig(replicas=replicas, bucket=ISSUERS_BUCKET, history=1),
+        KeyValueConfig(replicas=replicas, bucket=CANCELLED_BUCKET, history=1, ttl=window),
+        KeyValueConfig(replicas=replicas, bucket=TENANTS_BUCKET, history=5),
+        KeyValueConfig(replicas=replicas, bucket=KEYS_BUCKET, history=5),
+        KeyValueConfig(replicas=replicas, bucket=INFLIGHT_BUCKET, history=1),
+        KeyValueConfig(replicas=replicas, bucket=BUDGETS_BUCKET, history=5),
+        KeyValueConfig(replicas=replicas, bucket=BUDGET_STATE_BUCKET, history=1),
+        KeyValueConfig(replicas=replicas, bucket=CREDIT_IDS_BUCKET, history=1),  # no TTL: an id is taken for good
     ):
         await _ensure_bucket(js, config)
     await _ensure_stream(
         js,
         StreamConfig(
+            num_replicas=replicas,
             name=RATELIMIT_STREAM,
             subjects=["tg.rl.>"],
             allow_msg_counter=True,  # Nats-Incr: one shared counter per scope and minute
@@ -144,6 +150,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     await _ensure_stream(
         js,
         StreamConfig(
+            num_replicas=replicas,
             name=CREDITS_STREAM,
             subjects=["tg.credit.>"],
             allow_msg_counter=True,
@@ -161,7 +168,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
         await _ensure_stream(
             js,
             StreamConfig(name=name, subjects=subjects, retention=retention, storage=StorageType.FILE,
-                         max_age=max_age, duplicate_window=2 * window),
+                         max_age=max_age, duplicate_window=2 * window, num_replicas=replicas),
         )
 
 

@@ -23,12 +23,21 @@ MAX_DEADLINE_S = 600.0
 
 
 class NatsSettings(msgspec.Struct, forbid_unknown_fields=True):
+    # One server, or a cluster's servers separated by commas: a client reconnects to any of them.
     url: str = "nats://127.0.0.1:4222"
+    # Copies of every stream and bucket (`tollgate provision`, `tollgate up`): 3 on a three-node
+    # cluster, so one node lost loses no queued request or unstored usage.
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     # This process's NATS user: one per role (infra/nats/roles.py), each with its own permissions.
     user: str = ""
     password: str = ""
     # Replies to this role's requests arrive under this prefix, which only it may subscribe to.
     inbox_prefix: str = "_INBOX"
+
+    @property
+    def servers(self) -> list[str]:
+        """The server URLs in ``url``."""
+        return [u.strip() for u in self.url.split(",") if u.strip()]
 
 
 class EdgeSettings(msgspec.Struct, forbid_unknown_fields=True):
