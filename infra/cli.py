@@ -19,7 +19,7 @@ from infra.spending_cli import add_commands as add_spending_commands
 def _cmd_up(settings: Settings, args) -> int:
     from infra.supervisor import up
 
-    return up(settings, args.config_path)
+    return up(settings, args.config_path, nats_cluster=args.nats_cluster)
 
 
 def _cmd_edge(settings: Settings, args) -> int:
@@ -203,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="settings file (default: tollgate.toml, or $TOLLGATE_CONFIG)")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start the whole stack on embedded defaults").set_defaults(run=_cmd_up)
+    up_cmd = sub.add_parser("up", help="start the whole stack on embedded defaults")
+    up_cmd.add_argument("--nats-cluster", type=int, default=0, metavar="N",
+                        help="run NATS as a local cluster of N nodes (streams and buckets at min(3, N) replicas)")
+    up_cmd.set_defaults(run=_cmd_up)
     sub.add_parser("edge", help="run the HTTP edge").set_defaults(run=_cmd_edge)
     worker = sub.add_parser("worker", help="run a model worker")
     worker.add_argument("--model", required=True)

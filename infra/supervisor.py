@@ -32,7 +32,7 @@ from consumers.serve import worker_identity_path
 from edge.app import edge_identity_path
 from infra.children import Child, stop_group
 from infra.nats import roles
-from infra.nats_launcher import NatsServer
+from infra.nats_launcher import NatsCluster, NatsServer
 
 log = logging.getLogger("tollgate.up")
 
@@ -135,10 +135,13 @@ def _ready(url: str, children: list[Child], models: list[str]) -> bool:
     return all(live.get(m) or m in abandoned for m in models)
 
 
-def _banner(settings: Settings, base: str, server: NatsServer, port: int, key: str, admin: str,
+def _banner(settings: Settings, base: str, server: NatsServer | NatsCluster, port: int, key: str, admin: str,
             children: list[Child]) -> str:
     model = next(iter(settings.models))
     nats_hint = "" if port == server.port else f"NATS is not on its usual port: export TOLLGATE_NATS_URL={server.url}\n"
+    if isinstance(server, NatsCluster):  # other commands must know every node, and provision at the same replicas
+        nats_hint = (f"NATS is a cluster: export TOLLGATE_NATS_URL={server.url} "
+                     f"TOLLGATE_NATS_REPLICAS={settings.nats.replicas}\n")
     given_up = "".join(f"Given up on {c.name} (crash loop; see the log above)\n" for c in children if c.given_up)
     return (
         f"\nTollgate is up on {base}  (NATS {server.url}, ClickHouse {settings.clickhouse})\n"
@@ -151,7 +154,7 @@ def _banner(settings: Settings, base: str, server: NatsServer, port: int, key: s
     )
 
 
-def _drain(children: list[Child], server: NatsServer, policy) -> None:
+def _drain(children: list[Child], server: NatsServer | NatsCluster, policy) -> None:
     """Edges first (they stop accepting and finish what is in flight, which needs workers), then the rest, then NATS."""
     edges = [c for c in children if c.role == "edge"]
     log.info("stopping edges (grace %g s for requests in flight)", policy.drain_grace_s)
@@ -162,8 +165,12 @@ def _drain(children: list[Child], server: NatsServer, policy) -> None:
     server.stop()
 
 
-def up(settings: Settings, config: Path | None = None) -> int:
+def up(settings: Settings, config: Path | None = None, nats_cluster: int = 0) -> int:
     """Start nats-server, provision, pull models, start edges, workers and billing, and supervise them.
+
+    With ``nats_cluster`` nodes (2 or more) NATS is a local cluster instead of one server,
+    every stream and bucket has min(3, nodes) replicas, and every child is given each
+    node's URL, so the stack rides through the loss of a node.
 
     A child that dies is restarted (``processes`` settings: backoff, crash-loop limit),
     never taking the rest down. SIGTERM or Ctrl-C, at any point, drains the stack in
@@ -180,15 +187,23 @@ def up(settings: Settings, config: Path | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     # The configured port when free, so `tollgate tenants/keys` find the server with default settings.
-    port = urlparse(settings.nats.url).port or 4222
+    port = urlparse(settings.nats.servers[0]).port or 4222
     passwords = roles.load_or_create(roles.auth_file(str(state)), tuple(settings.services), tuple(settings.models))
     nats_config = state / "nats.conf"
     write_private(nats_config, roles.render(passwords).encode())
-    server = NatsServer(state / "nats", port=port if _port_free(port) else None, config=nats_config).start()
+    first_port = port if _port_free(port) else None
+    if nats_cluster > 1:
+        # Its own data directory: a single server's streams are not a cluster's.
+        server = NatsCluster(state / "nats-cluster", nats_cluster, config=nats_config, port=first_port).start()
+        replicas = min(3, nats_cluster)
+    else:
+        server = NatsServer(state / "nats", port=first_port, config=nats_config).start()
+        replicas = 1  # one server can hold one copy, whatever the settings say
     settings = msgspec.structs.replace(settings, state_dir=str(state),
-                                       nats=msgspec.structs.replace(settings.nats, url=server.url))
+                                       nats=msgspec.structs.replace(settings.nats, url=server.url, replicas=replicas))
     # Children read the same file (not whatever ./tollgate.toml their working directory has) and the environment.
-    env = {**os.environ, "TOLLGATE_NATS_URL": server.url, "TOLLGATE_STATE_DIR": str(state)}
+    env = {**os.environ, "TOLLGATE_NATS_URL": server.url, "TOLLGATE_NATS_REPLICAS": str(replicas),
+           "TOLLGATE_STATE_DIR": str(state)}
     if config is not None:
         env["TOLLGATE_CONFIG"] = str(config.resolve())
     children: list[Child] = []
