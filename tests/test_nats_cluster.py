@@ -49,7 +49,7 @@ DOWN_S = 4.0
 class ClusterStack(Stack):
     """The test stack on a cluster: every connection is given each node and rides through reconnects."""
 
-    async def connect(self, role: str, **options):
+    async def connect(self, role: str):
         return await connect(self.role(role), f"test-{role}")
 
 
