@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.fixed_backend import FixedBackend  # noqa: E402
-from bus.protocol import ChatBody, ChatMessage, decode_usage  # noqa: E402
+from bus.protocol import ChatBody, ChatMessage, decode_report  # noqa: E402
 from bus.issuers import register_issuer  # noqa: E402
 from bus.protocol import IssuerGrant  # noqa: E402
 from bus.provision import provision  # noqa: E402
@@ -37,6 +37,7 @@ from bus.signing import Identity  # noqa: E402
 from bus.tenancy import Limits, Tenant  # noqa: E402
 from bus.tenancy_store import TenancyStore  # noqa: E402
 from edge.app import edge_identity_path  # noqa: E402
+from consumers.serve import worker_identity_path  # noqa: E402
 from bus.settings import load_settings  # noqa: E402
 from infra.nats_launcher import NatsServer, free_port  # noqa: E402
 
@@ -111,7 +112,7 @@ async def stage_times(nats_url: str, since: float, until: float) -> dict[str, li
     try:
         while True:
             msg = await sub.next_msg(timeout=1)
-            event = decode_usage(msg.data)
+            event = decode_report(msg.data).event
             if since <= event.queued_at < until:
                 queue_ms.append((event.started_at - event.queued_at) * 1000)
                 run_ms.append((event.finished_at - event.started_at) * 1000)
@@ -146,7 +147,9 @@ def main() -> None:
         js = nc.jetstream()
         await provision(js, settings)
         edge = Identity.load_or_create(edge_identity_path(settings))
-        await register_issuer(js, edge.public_key, IssuerGrant("edge", ["*"]))
+        await register_issuer(js, edge.public_key, IssuerGrant("edge", ["*"], role="edge"))
+        worker = Identity.load_or_create(worker_identity_path(settings))
+        await register_issuer(js, worker.public_key, IssuerGrant("worker", ["*"], role="worker"))
         store = await TenancyStore.open(js, set(settings.tiers))
         limits = Limits(rpm=10**9, tpm=10**12)
         await store.create_tenant(Tenant(id="bench", tier="enterprise", default_lane="normal", limits=limits))

@@ -26,12 +26,16 @@ sys.path.insert(0, str(ROOT))
 from billing.clickhouse import ClickHouse  # noqa: E402
 from billing.meter import Meter  # noqa: E402
 from billing.schema import apply_schema  # noqa: E402
-from bus.envelopes import MSG_ID_HEADER  # noqa: E402
+from bus.envelopes import seal_usage  # noqa: E402
 from bus.ids import new_request_id  # noqa: E402
-from bus.protocol import UsageEvent, encode  # noqa: E402
+from bus.issuers import register_issuer  # noqa: E402
+from bus.protocol import IssuerGrant, Ticket, UsageEvent, encode  # noqa: E402
+from bus.signing import Identity  # noqa: E402
 from bus.provision import provision  # noqa: E402
 from bus.settings import Settings  # noqa: E402
 from infra.nats_launcher import NatsServer  # noqa: E402
+
+EDGE, WORKER = Identity.generate(), Identity.generate()
 
 
 def event(tenant: str) -> UsageEvent:
@@ -42,14 +46,20 @@ def event(tenant: str) -> UsageEvent:
                       cache_hit=False, worker_id="w")
 
 
+def sealed(e: UsageEvent) -> tuple[bytes, dict[str, str]]:
+    """The event as a worker reports it: bound to a ticket the edge signed, signed by the worker."""
+    ticket = Ticket(e.request_id, e.tenant, e.principal, EDGE.public_key, e.kind, e.model, e.lane,
+                    e.queued_at, e.queued_at + 60, e.hold_micros)
+    return seal_usage(e, ticket, EDGE.sign(encode(ticket)), WORKER)
+
+
 async def publish(js, n: int, tenant: str, rate: float | None = None) -> None:
     start = time.perf_counter()
     pending = []
     for i in range(n):
-        e = event(tenant)
+        data, headers = sealed(event(tenant))
         # Sent now (a task), so an event's finished_at is its publish time, as a worker's is.
-        pending.append(asyncio.ensure_future(
-            js.publish(f"tg.usage.{tenant}", encode(e), headers={MSG_ID_HEADER: e.request_id})))
+        pending.append(asyncio.ensure_future(js.publish(f"tg.usage.{tenant}", data, headers=headers)))
         if len(pending) == 500:
             await asyncio.gather(*pending)
             pending = []
@@ -72,6 +82,8 @@ async def main(events: int, rate: float, batch: int) -> None:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
         await provision(js, settings)
+        await register_issuer(js, EDGE.public_key, IssuerGrant("edge", ["*"], role="edge"))
+        await register_issuer(js, WORKER.public_key, IssuerGrant("worker", ["*"], role="worker"))
         ch = await asyncio.to_thread(ClickHouse, settings.clickhouse)
         await apply_schema(ch)
 

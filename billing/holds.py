@@ -39,6 +39,7 @@ class HoldSweeper(Batches):
         self.ch = ch
         self.grace_s = settings.meter.hold_grace_s
         self._watermark = Watermark(self._js)
+        self._settle_window_s = credits.settle_window_s(settings)
 
     async def handle(self, msgs: list[Msg], retry: bool = False) -> None:
         notices: list[tuple[Msg, HoldNotice]] = []
@@ -56,7 +57,11 @@ class HoldSweeper(Batches):
         for msg, notice in notices:
             if notice.request_id in metered:
                 self._watermark.forget(notice.request_id)
-                await msg.ack()  # the meter settled it
+                cost, late = metered[notice.request_id]
+                if late:  # stored past the settle window: the meter left it to this notice's amount
+                    await credits.settle(self._js, notice.tenant, notice.request_id, notice.hold_micros,
+                                         min(cost, notice.hold_micros))
+                await msg.ack()
                 continue
             wait = notice.deadline + self.grace_s - now
             if wait > 0:
@@ -73,7 +78,12 @@ class HoldSweeper(Batches):
                 log.info("released the hold of %s: it ended without usage", notice.request_id)
             await msg.ack()
 
-    async def _metered(self, request_ids: list[str]) -> set[str]:
-        rows = await self.ch.query("SELECT request_id FROM usage_events WHERE request_id IN {ids:Array(String)}",
-                                   {"ids": request_ids})
-        return {request_id for (request_id,) in rows}
+    async def _metered(self, request_ids: list[str]) -> dict[str, tuple[int, bool]]:
+        """The stored requests among ``request_ids``: their cost, and whether they were stored too late
+        for the meter to settle them (``credits.settle_window_s`` after they were queued)."""
+        rows = await self.ch.query(
+            "SELECT request_id, any(cost_micros), "
+            "min(dateDiff('second', queued_at, inserted_at)) >= {window:Float64} "
+            "FROM usage_events WHERE request_id IN {ids:Array(String)} GROUP BY request_id",
+            {"ids": request_ids, "window": self._settle_window_s})
+        return {request_id: (cost, bool(late)) for request_id, cost, late in rows}

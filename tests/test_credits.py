@@ -388,3 +388,24 @@ def test_spending_after_a_grant_lapsed_is_not_paid_from_it():
         ("d", "debit", -240, at(105), None, None),
     ]
     assert unspent(rows) == {"g": (250, 1), "t": (760, 0)}
+
+
+async def test_usage_stored_past_the_settle_window_is_settled_once_from_the_recorded_hold(stack, nc, meter,
+                                                                                         clickhouse):
+    """Billing was down for longer than the counter's dedupe window: the meter does not settle such
+    usage (a settlement could then count twice); the sweeper settles it once, from the hold notice."""
+    tenant = "prepaid-late"
+    await _prepaid_tenant(stack, tenant)
+    await _grant(stack, nc, tenant, 10_000)
+    js = nc.jetstream()
+    queued = time.time() - credits.settle_window_s(stack.settings) - 30
+    event = usage_event(tenant=tenant, principal="k", queued_at=queued, hold_micros=3_000, cost_micros=1_200)
+    assert await credits.hold(js, tenant, event.request_id, 3_000)
+    await credits.report_hold(js, HoldNotice(event.request_id, tenant, 3_000, queued + 60))
+    await publish_usage(js, [event])
+    await usage_rows(clickhouse, [event.request_id], expect=1)
+
+    async def settled():
+        return await credits.available(js, tenant) == 10_000 - 1_200
+
+    await eventually(settled, timeout=20)  # before, this hold stayed taken for good
