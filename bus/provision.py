@@ -168,7 +168,9 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
         await _ensure_stream(
             js,
             StreamConfig(name=name, subjects=subjects, retention=retention, storage=StorageType.FILE,
-                         max_age=max_age, duplicate_window=2 * window, num_replicas=replicas),
+                         max_age=max_age, duplicate_window=2 * window, num_replicas=replicas,
+                         # Full: a publish is refused (and retried or answered 503), nothing is dropped.
+                         max_bytes=1024**3, discard=DiscardPolicy.NEW),
         )
 
 

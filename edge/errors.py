@@ -82,7 +82,8 @@ async def error_middleware(request: web.Request, handler):
         return error_response(_too_large(request.app["publisher"].nc.max_payload))
     except nats.errors.Error:
         log.exception("the bus failed on %s %s", request.method, request.path)
-        return error_response(NoCapacity("The gateway's message bus is unavailable right now. Try again shortly."))
+        return error_response(NoCapacity("The gateway's message bus is unavailable right now. Try again shortly.",
+                                         code="bus_unavailable"))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(TollgateError("The server had an error while processing your request."))

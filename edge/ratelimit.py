@@ -148,7 +148,8 @@ class InFlight:
             except nats.js.errors.KeyWrongLastSequenceError:
                 cached = None  # another edge changed it first
                 await asyncio.sleep(random.uniform(0, 0.001 * attempt))
-        raise NoCapacity(f"The in-flight count for {scope} is too contended to change; try again.")
+        raise NoCapacity(f"The in-flight count for {scope} is too contended to change; try again.",
+                         code="rate_limiter_unavailable")
 
     async def acquire(self, scope: str, limit: int) -> bool:
         return await self._change(scope, +1, limit)
@@ -251,7 +252,8 @@ class RateLimiter:
                 await self._release(admission)
                 failure = next((ok for ok in got if isinstance(ok, BaseException)), None)
                 if failure is not None:
-                    raise NoCapacity("The rate limiter is unavailable right now. Try again shortly.") from failure
+                    raise NoCapacity("The rate limiter is unavailable right now. Try again shortly.",
+                                     code="rate_limiter_unavailable") from failure
                 limit = min(limit for (_, limit), ok in zip(limited, got) if ok is False)
                 raise RateLimited(
                     f"Too many requests in flight: limit {limit}. Try again when one finishes.",
