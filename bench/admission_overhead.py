@@ -25,19 +25,19 @@ from aiohttp.test_utils import make_mocked_request
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bus.budgets import Budget, BudgetStore  # noqa: E402
+from bus.account.budgets import Budget, BudgetStore  # noqa: E402
 from bus.counters import add  # noqa: E402
-from bus.credits import settle  # noqa: E402
+from bus.account.credits import settle  # noqa: E402
 from bus.ids import new_request_id  # noqa: E402
 from bus.provision import provision  # noqa: E402
 from bus.settings import Settings  # noqa: E402
 from bus.subjects import BUDGETS_BUCKET, INFLIGHT_BUCKET, KEYS_BUCKET, TENANTS_BUCKET, credit_counter  # noqa: E402
-from bus.tenancy import Limits, Tenant  # noqa: E402
-from bus.tenancy_store import TenancyStore, decode_key, decode_tenant  # noqa: E402
+from bus.account.tenants import Limits, Tenant  # noqa: E402
+from bus.account.tenant_store import TenancyStore, decode_key, decode_tenant  # noqa: E402
 from bus.watched import WatchedBucket  # noqa: E402
 from edge.auth import Authenticator  # noqa: E402
 from edge.ratelimit import InFlight, RateLimiter  # noqa: E402
-from edge.spending import SpendingGate  # noqa: E402
+from edge.quota import QuotaGate  # noqa: E402
 from infra.nats_launcher import NatsServer  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -71,7 +71,7 @@ async def run(n: int) -> None:
                 await BudgetStore(await js.key_value(BUDGETS_BUCKET)).put(
                     Budget(tenant=f"t{i}", name="cap", amount_micros=10**15, mode="hard"))
                 await add(js, credit_counter(f"t{i}"), 10**15)
-        spending = SpendingGate(js)
+        spending = QuotaGate(js)
         await spending.start()
         tenants = WatchedBucket(await js.key_value(TENANTS_BUCKET), decode_tenant)
         keys = WatchedBucket(await js.key_value(KEYS_BUCKET), decode_key)

@@ -34,8 +34,8 @@ from bus.issuers import register_issuer  # noqa: E402
 from bus.protocol import IssuerGrant  # noqa: E402
 from bus.provision import provision  # noqa: E402
 from bus.signing import Identity  # noqa: E402
-from bus.tenancy import Limits, Tenant  # noqa: E402
-from bus.tenancy_store import TenancyStore  # noqa: E402
+from bus.account.tenants import Limits, Tenant  # noqa: E402
+from bus.account.tenant_store import TenancyStore  # noqa: E402
 from edge.app import edge_identity_path  # noqa: E402
 from consumers.serve import worker_identity_path  # noqa: E402
 from bus.settings import load_settings  # noqa: E402

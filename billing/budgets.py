@@ -19,7 +19,7 @@ import msgspec
 from nats.js import JetStreamContext
 
 from billing.clickhouse import ClickHouse, utc
-from bus.budgets import Budget, BudgetState, decode_budget
+from bus.account.budgets import Budget, BudgetState, decode_budget
 from bus.envelopes import MSG_ID_HEADER
 from bus.protocol import BudgetAlert, encode
 from bus.subjects import BUDGET_STATE_BUCKET, BUDGETS_BUCKET, budget_event_subject

@@ -22,7 +22,7 @@ from nats.js.errors import NotFoundError
 
 from billing.clickhouse import ClickHouse, utc
 from billing.meter import Watermark
-from bus import credits
+from bus.account import credits
 from bus.protocol import CreditEntry
 from bus.subjects import HOLDS_STREAM, hold_subject
 

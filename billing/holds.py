@@ -20,7 +20,7 @@ from nats.aio.msg import Msg
 from billing.batches import Batches
 from billing.clickhouse import ClickHouse
 from billing.meter import Watermark
-from bus import credits
+from bus.account import credits
 from bus.protocol import HoldNotice, decode_hold
 from bus.settings import Settings
 from bus.subjects import HOLDS_CONSUMER, HOLDS_STREAM

@@ -1,7 +1,7 @@
 """The credit ledger: entries from ``tg.event.credit.>`` applied to balances and written to ClickHouse.
 
 This consumer is the one place a ledger entry reaches a tenant's available
-balance (``bus.credits``): an entry whose id is not in that tenant's
+balance (``bus.account.credits``): an entry whose id is not in that tenant's
 ``credit_ledger`` rows yet is applied under the message id
 ``ledger-<tenant>/<id>``, its row is inserted, then it is acked. A crash in
 between redelivers the entry within ``ack_wait``, well inside the counter's
@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from billing.batches import Batches, ack_each
 from billing.clickhouse import ClickHouse, utc
 from bus.counters import add
-from bus.credits import entry_key
+from bus.account.credits import entry_key
 from bus.protocol import CreditEntry, decode_credit
 from bus.settings import Settings
 from bus.subjects import EVENTS_STREAM, LEDGER_CONSUMER, credit_counter

@@ -29,7 +29,7 @@ from nats.js import JetStreamContext
 from billing.batches import Batches, ack_each, delivery
 from billing.clickhouse import ClickHouse
 from bus.dead_letters import dead_letter
-from bus import credits
+from bus.account import credits
 from bus.envelopes import open_usage
 from bus.errors import BadUsage
 from bus.issuers import watch_issuers

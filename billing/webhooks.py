@@ -6,7 +6,7 @@ is HMAC-SHA256 over ``"<t>." + body`` with the budget's webhook secret, and
 can drop repeats. A delivery that fails is redelivered by JetStream after a
 doubling delay until ``webhook_attempts`` run out.
 
-Destinations are checked when sent (``bus.webhook_policy``): a literal address before the POST,
+Destinations are checked when sent (``bus.account.webhook_policy``): a literal address before the POST,
 a host name's addresses by the connector's resolver, so the connection goes only to addresses
 that passed. Redirects are not followed (a 3xx is a failed delivery), the answer's body is
 never read (its status is all that counts), and logs name the host, never the URL, which may
@@ -29,13 +29,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from billing.batches import Batches
-from bus.budgets import Budget, decode_budget
+from bus.account.budgets import Budget, decode_budget
 from bus.protocol import BudgetAlert, decode_alert
 from bus.settings import Settings
 from bus.errors import InvalidRequest
 from bus.subjects import BUDGETS_BUCKET, EVENTS_STREAM, WEBHOOKS_CONSUMER
 from bus.watched import WatchedBucket
-from bus.webhook_policy import WebhookPolicy, url_host
+from bus.account.webhook_policy import WebhookPolicy, url_host
 
 log = logging.getLogger(__name__)
 

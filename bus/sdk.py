@@ -18,16 +18,16 @@ from typing import AsyncIterator
 
 import msgspec
 
-from bus.chat import ChatResults, to_body
-from bus.openai_types import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from bus.openai.chat import ChatResults, to_body
+from bus.openai.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from bus.errors import InvalidRequest
 from bus.publisher import Publisher
-from bus.service_tier import tier_of
+from bus.openai.service_tier import tier_of
 from bus.connect import connect
 from bus.settings import MAX_DEADLINE_S, ModelSpec, NatsSettings
 from bus.signing import Identity
 from bus.subjects import LANES, token
-from bus.validation import decode_json
+from bus.openai.decoding import decode_json
 
 
 class TollgateClient:

@@ -14,9 +14,9 @@ from typing import Annotated, Literal, Mapping
 
 import msgspec
 
-from bus.prices import Prices
+from bus.account.prices import Prices
 from bus.subjects import LANES, token
-from bus.tenancy import DEFAULT_TIERS, Tier
+from bus.account.tenants import DEFAULT_TIERS, Tier
 
 
 MAX_DEADLINE_S = 600.0

@@ -98,7 +98,7 @@ def hold_subject(tenant: str) -> str:
 def rate_counter(metric: str, scope: str, window: int) -> str:
     """The shared counter of ``metric`` (requests or tokens) for ``scope`` in one minute window.
 
-    A scope is already made of subject-safe tokens joined by dots (``bus.tenancy.policy``).
+    A scope is already made of subject-safe tokens joined by dots (``bus.account.tenants.policy``).
     """
     return f"tg.rl.{metric}.{scope}.{window}"
 

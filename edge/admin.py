@@ -8,9 +8,9 @@ import msgspec
 from aiohttp import web
 
 from bus.errors import InvalidRequest
-from bus.tenancy import ApiKey, Limits, Tenant
-from bus.tenancy_store import TenancyStore
-from bus.validation import decode_json as decode_body
+from bus.account.tenants import ApiKey, Limits, Tenant
+from bus.account.tenant_store import TenancyStore
+from bus.openai.decoding import decode_json as decode_body
 
 
 class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):

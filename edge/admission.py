@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from bus.protocol import ChatBody
 from bus.settings import ModelSpec, Settings
-from bus.tenancy import Policy
+from bus.account.tenants import Policy
 from edge.ratelimit import Admission, RateLimiter
-from edge.spending import SpendingGate, prepaid_terms
+from edge.quota import QuotaGate, prepaid_terms
 
 
 @dataclass
@@ -34,14 +34,14 @@ class Admitted:
 class Gate:
     """Admits requests against a tenant's budgets, credits and limits, and releases what they took."""
 
-    def __init__(self, settings: Settings, limiter: RateLimiter, spending: SpendingGate):
-        self._settings, self._limiter, self._spending = settings, limiter, spending
+    def __init__(self, settings: Settings, limiter: RateLimiter, quota: QuotaGate):
+        self._settings, self._limiter, self._quota = settings, limiter, quota
         self._undoing: set[asyncio.Task] = set()
 
     async def admit(self, *, request_id: str, tenant: str, key: str, policy: Policy, spec: ModelSpec,
                     body: ChatBody, lane: str, estimate, deadline: float) -> Admitted:
         """Take everything the request needs, or raise the refusal; safe to cancel at any point."""
-        self._spending.check_budgets(tenant, key)
+        self._quota.check_budgets(tenant, key)
         hold = 0
         if policy.prepaid:
             body, hold = prepaid_terms(spec, body, self._settings.lane_multipliers.get(lane, 1.0))
@@ -58,7 +58,7 @@ class Gate:
         limits = await self._limiter.admit(policy, tokens)
         try:
             if hold:
-                await self._spending.hold(tenant, request_id, hold, deadline)
+                await self._quota.hold(tenant, request_id, hold, deadline)
         except BaseException:
             self._limiter.finish_soon(limits, 0)
             raise
@@ -76,7 +76,7 @@ class Gate:
         request was never published (a published one is settled by billing from its usage)."""
         self._limiter.finish_soon(admitted.limits, used_tokens)
         if admitted.hold and not published:
-            await self._spending.release(admitted.tenant, admitted.request_id, admitted.hold)
+            await self._quota.release(admitted.tenant, admitted.request_id, admitted.hold)
 
     async def stop(self) -> None:
         if self._undoing:

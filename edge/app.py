@@ -10,15 +10,15 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
-from bus.budgets import BudgetStore
+from bus.account.budgets import BudgetStore
 from bus.connect import connect
 from bus.issuers import issuer_registered
-from bus.openai_types import ModelCard, ModelList
+from bus.openai.models import ModelCard, ModelList
 from bus.publisher import Publisher
 from bus.settings import Settings
 from bus.signing import Identity
 from bus.subjects import INFLIGHT_BUCKET, KEYS_BUCKET, TENANTS_BUCKET
-from bus.tenancy_store import TenancyStore, decode_key, decode_tenant
+from bus.account.tenant_store import TenancyStore, decode_key, decode_tenant
 from bus.watched import WatchedBucket
 from edge.admin import add_routes
 from edge.admission import Gate
@@ -26,8 +26,8 @@ from edge.auth import Authenticator
 from edge.chat import chat_completions
 from edge.errors import error_middleware
 from edge.ratelimit import InFlight, RateLimiter
-from edge.spending import SpendingGate
-from edge.spending_api import add_routes as add_spending_routes
+from edge.quota import QuotaGate
+from edge.billing_api import add_routes as add_billing_routes
 from edge.usage import admin_usage, tenant_usage
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/usage", tenant_usage)
     app.router.add_get("/admin/usage", admin_usage)
     add_routes(app.router)
-    add_spending_routes(app.router)
+    add_billing_routes(app.router)
 
     async def lifecycle(app: web.Application):
         nc = await connect(settings.nats, "tollgate-edge")
@@ -87,13 +87,13 @@ def create_app(settings: Settings) -> web.Application:
         app["auth"] = Authenticator(tenants, keys, settings.tiers, settings.edge.admin_token)
         app["tenancy"] = await TenancyStore.open(js, set(settings.tiers))
         app["limiter"] = limiter
-        app["spending"] = spending = SpendingGate(js)
-        await spending.start()
-        app["gate"] = gate = Gate(settings, limiter, spending)
+        app["quota"] = quota = QuotaGate(js)
+        await quota.start()
+        app["gate"] = gate = Gate(settings, limiter, quota)
         app["budgets"] = await BudgetStore.open(js)
         yield
         await gate.stop()
-        await spending.stop()
+        await quota.stop()
         for chore in chores:
             chore.cancel()
         await publisher.stop()

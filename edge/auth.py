@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from bus.errors import AuthenticationFailed, PermissionDenied
-from bus.tenancy import ApiKey, Policy, Tenant, Tier, endpoint_allowed, hash_key, key_id_of, policy
+from bus.account.tenants import ApiKey, Policy, Tenant, Tier, endpoint_allowed, hash_key, key_id_of, policy
 from bus.watched import WatchedBucket
 
 

@@ -9,14 +9,14 @@ import msgspec
 import nats.errors
 from aiohttp import web
 
-from bus.chat import ChatResults, to_body
+from bus.openai.chat import ChatResults, to_body
 from bus.errors import ModelNotFound, NoCapacity, TollgateError
 from bus.ids import new_request_id
-from bus.openai_types import ChatCompletionRequest
+from bus.openai.chat import ChatCompletionRequest
 from bus.protocol import ChatBody
 from bus.publisher import Call, Publisher
-from bus.service_tier import lane_for, tier_of
-from bus.validation import decode_json as decode_body
+from bus.openai.service_tier import lane_for, tier_of
+from bus.openai.decoding import decode_json as decode_body
 from edge.admission import Gate
 from edge.errors import error_event
 from edge.ratelimit import DEFAULT_COMPLETION_ESTIMATE

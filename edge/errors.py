@@ -10,7 +10,7 @@ import nats.errors
 from aiohttp import web
 
 from bus.errors import InvalidRequest, NoCapacity, PayloadTooLarge, TollgateError
-from bus.openai_types import ErrorBody, ErrorResponse
+from bus.openai.errors import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
 

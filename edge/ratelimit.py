@@ -30,7 +30,7 @@ from nats.js.kv import KeyValue
 from bus.counters import add
 from bus.errors import NoCapacity, RateLimited
 from bus.subjects import rate_counter
-from bus.tenancy import Policy
+from bus.account.tenants import Policy
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import uvloop
 from bus.settings import Settings, SettingsError, load_settings
 from infra.deploy_cli import add_commands as add_deploy_commands
 from infra.nats.roles import role_credentials, worker_role
-from infra.spending_cli import add_commands as add_spending_commands
+from infra.billing_cli import add_commands as add_billing_commands
 
 
 def _cmd_up(settings: Settings, args) -> int:
@@ -102,7 +102,7 @@ def _on_bus(settings: Settings, action) -> int:
 
 def _tenancy(settings: Settings, action) -> int:
     """Run ``action(store)`` against the tenant and key buckets."""
-    from bus.tenancy_store import TenancyStore
+    from bus.account.tenant_store import TenancyStore
 
     async def go(js):
         return await action(await TenancyStore.open(js, set(settings.tiers)))
@@ -145,7 +145,7 @@ def _cmd_issuers_add(settings: Settings, args) -> int:
 
 
 def _cmd_tenants_create(settings: Settings, args) -> int:
-    from bus.tenancy import Tenant
+    from bus.account.tenants import Tenant
 
     return _tenancy(settings, lambda store: store.create_tenant(Tenant(id=args.id, **_tenant_fields(args))))
 
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke")
     revoke.add_argument("id")
     revoke.set_defaults(run=_cmd_keys_revoke)
-    add_spending_commands(sub, _on_bus)
+    add_billing_commands(sub, _on_bus)
     add_deploy_commands(sub)
     return parser
 

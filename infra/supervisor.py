@@ -25,8 +25,8 @@ from bus.protocol import IssuerGrant
 from bus.signing import Identity, write_private
 from bus.provision import provision
 from bus.settings import Settings
-from bus.tenancy import Tenant, hash_key, key_id_of
-from bus.tenancy_store import TenancyStore
+from bus.account.tenants import Tenant, hash_key, key_id_of
+from bus.account.tenant_store import TenancyStore
 from consumers.models import resolve
 from consumers.serve import worker_identity_path
 from edge.app import edge_identity_path

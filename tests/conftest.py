@@ -33,8 +33,8 @@ from bus.issuers import register_issuer
 from bus.protocol import IssuerGrant
 from bus.settings import NatsSettings, load_settings
 from bus.signing import Identity
-from bus.tenancy import Tenant
-from bus.tenancy_store import TenancyStore
+from bus.account.tenants import Tenant
+from bus.account.tenant_store import TenancyStore
 from consumers.serve import worker_identity_path
 from infra.nats import roles
 from infra.nats_launcher import NatsServer, free_port

@@ -11,7 +11,7 @@ import aiohttp
 import msgspec
 import openai
 
-from bus import credits
+from bus.account import credits
 from bus.subjects import INFLIGHT_BUCKET, REQUESTS_STREAM, request_subject
 from tests.conftest import CHAT_MODEL, admin, eventually, request_id, usage_rows
 from tests.test_credits import _grant, _prepaid_tenant, _short_deadline_edge

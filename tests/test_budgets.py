@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from bus.protocol import decode_alert
-from bus.tenancy import Tenant
+from bus.account.tenants import Tenant
 from tests.conftest import CHAT_MODEL, admin, eventually, free_port, publish_usage, usage_event
 
 ALL_THRESHOLDS = [50, 75, 90, 100]

@@ -11,10 +11,10 @@ import aiohttp
 import msgspec
 import pytest
 
-from bus import credits
+from bus.account import credits
 from bus.envelopes import MSG_ID_HEADER
 from bus.protocol import ChatBody, ChatMessage, CreditEntry, HoldNotice, encode
-from bus.tenancy import Tenant
+from bus.account.tenants import Tenant
 from billing.expiry import unspent
 from bus.subjects import EVENTS_STREAM, HOLDS_STREAM, METER_CONSUMER, USAGE_STREAM, credit_event_subject, hold_subject
 from tests.conftest import (

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bus.tenancy import Tenant
+from bus.account.tenants import Tenant
 from tests.conftest import CHAT_MODEL, admin, eventually, request_id, usage_rows
 
 GRAFANA = Path(__file__).resolve().parent.parent / "infra" / "grafana"

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from bus.errors import NotFound
 from bus.provision import provision
 from bus.settings import load_settings
-from bus.tenancy import Tenant
+from bus.account.tenants import Tenant
 from edge.app import create_app
 from infra.nats_launcher import NatsServer
 from tests.conftest import ADMIN_TOKEN, CHAT_MODEL, free_port

@@ -30,8 +30,8 @@ from bus.provision import provision
 from bus.settings import load_settings
 from bus.signing import Identity
 from bus.subjects import METER_CONSUMER, REQUESTS_STREAM, USAGE_STREAM
-from bus.tenancy import Tenant
-from bus.tenancy_store import TenancyStore
+from bus.account.tenants import Tenant
+from bus.account.tenant_store import TenancyStore
 from consumers.serve import worker_identity_path
 from infra.nats import roles
 from infra.nats_launcher import NatsCluster, free_port, healthy

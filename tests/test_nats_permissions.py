@@ -12,7 +12,7 @@ from bus.subjects import (
     ISSUERS_BUCKET, KEYS_BUCKET, LANES, REQUESTS_STREAM, WORKERS_BUCKET, budget_event_subject, liveness_key, request_subject,
     request_wildcard, usage_subject, work_consumer,
 )
-from bus.tenancy import key_id_of
+from bus.account.tenants import key_id_of
 from infra import supervisor
 from infra.nats.roles import worker_role
 from tests.conftest import CHAT_MODEL, DEFAULT_TENANT

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bus.errors import InvalidRequest
-from bus.prices import Prices, Units
+from bus.account.prices import Prices, Units
 from bus.settings import SettingsError, load_settings
 
 PRICES = Prices(

@@ -6,7 +6,7 @@ import pytest
 
 from bus.errors import DeadlineExceeded, InvalidRequest, NoCapacity
 from bus.issuers import register_issuer
-from bus.openai_types import ChatCompletion, ChatCompletionChunk
+from bus.openai.chat import ChatCompletion, ChatCompletionChunk
 from bus.protocol import IssuerGrant
 from bus.sdk import TollgateClient
 from bus.signing import Identity

@@ -13,13 +13,13 @@ import time
 import msgspec
 
 from bus.dead_letters import REASON_HEADER
-from bus import credits
+from bus.account import credits
 from bus.envelopes import MSG_ID_HEADER, seal_usage
 from bus.issuers import register_issuer
 from bus.protocol import IssuerGrant, Ticket, UsageReport, encode
 from bus.signing import Identity
 from bus.subjects import DEAD_LETTER_STREAM, usage_subject
-from bus.tenancy import Tenant
+from bus.account.tenants import Tenant
 from infra.nats.roles import worker_role
 from tests.conftest import CHAT_MODEL, UsageSigner, admin, eventually, usage_event, usage_rows
 

@@ -12,10 +12,10 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from bus.budgets import Budget
+from bus.account.budgets import Budget
 from bus.errors import Conflict
 from bus.subjects import BUDGETS_BUCKET
-from bus.tenancy import Tenant
+from bus.account.tenants import Tenant
 from tests.conftest import admin, eventually, free_port, publish_usage, usage_event
 
 
@@ -122,7 +122,7 @@ async def test_a_redirect_is_not_followed(stack, nc, meter):
 async def test_a_host_name_is_checked_by_what_it_resolves_to():
     """``localhost`` by name is a loopback address like any other, unless the name is allowlisted."""
     from billing.webhooks import DestinationRefused, _GuardedResolver
-    from bus.webhook_policy import WebhookPolicy
+    from bus.account.webhook_policy import WebhookPolicy
 
     strict = _GuardedResolver(WebhookPolicy(["10.0.0.0/8"]))
     with pytest.raises(DestinationRefused):

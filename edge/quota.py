@@ -1,4 +1,4 @@
-"""Spending checks at admission: prepaid credit holds and hard budgets.
+"""Quota at admission: prepaid credit holds and hard budgets.
 
 A prepaid request is admitted only once its maximum cost is held out of the
 tenant's available credits (one counter add, no read-modify-write), so
@@ -16,8 +16,8 @@ import time
 import msgspec
 from nats.js import JetStreamContext
 
-from bus import credits
-from bus.budgets import Budget, BudgetState, decode_budget, decode_state
+from bus.account import credits
+from bus.account.budgets import Budget, BudgetState, decode_budget, decode_state
 from bus.errors import InsufficientQuota
 from bus.protocol import ChatBody, HoldNotice
 from bus.settings import ModelSpec
@@ -34,7 +34,7 @@ def prepaid_terms(spec: ModelSpec, body: ChatBody, lane_multiplier: float) -> tu
     return body, credits.max_cost(spec, body, body.max_tokens, lane_multiplier)
 
 
-class SpendingGate:
+class QuotaGate:
     """Holds credits for prepaid requests and enforces hard budgets, from local mirrors."""
 
     def __init__(self, js: JetStreamContext):

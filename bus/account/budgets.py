@@ -16,11 +16,11 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from bus.credits import MAX_MICROS
+from bus.account.credits import MAX_MICROS
 from bus.errors import InvalidRequest, NotFound
 from bus.subjects import BUDGETS_BUCKET
-from bus.tenancy import valid_id
-from bus.webhook_policy import WebhookPolicy
+from bus.account.tenants import valid_id
+from bus.account.webhook_policy import WebhookPolicy
 
 DEFAULT_THRESHOLDS = [50, 75, 90, 100]
 _MAX_WINDOW_S = 31 * 86400

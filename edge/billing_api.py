@@ -6,12 +6,12 @@ import time
 import msgspec
 from aiohttp import web
 
-from bus import credits
-from bus.credits import CreditChange
-from bus.budgets import Budget, BudgetStore, check
-from bus.validation import decode_json as decode_body
+from bus.account import credits
+from bus.account.credits import CreditChange
+from bus.account.budgets import Budget, BudgetStore, check
+from bus.openai.decoding import decode_json as decode_body
 from edge.admin import json_response
-from edge.spending import SpendingGate
+from edge.quota import QuotaGate
 
 
 async def _credits_view(request: web.Request, tenant: str) -> web.Response:
@@ -71,7 +71,7 @@ async def put_budget(request: web.Request) -> web.Response:
 async def list_budgets(request: web.Request) -> web.Response:
     """GET /admin/budgets[?tenant=]: budgets with what each has spent in its current period."""
     budgets = await _budgets(request).list(request.query.get("tenant"))
-    gate: SpendingGate = request.app["spending"]
+    gate: QuotaGate = request.app["quota"]
     data = [budget_view(b, gate.state(b.id)) for b in budgets]
     return json_response({"object": "list", "data": data})
 

@@ -7,9 +7,9 @@ import time
 
 
 def _cmd_credits_add(settings, args, on_bus) -> int:
-    from bus import credits
-    from bus.credits import CreditChange
-    from bus.tenancy_store import TenancyStore
+    from bus.account import credits
+    from bus.account.credits import CreditChange
+    from bus.account.tenant_store import TenancyStore
 
     change = CreditChange(amount_micros=args.amount_micros, kind=args.kind, expires_in=args.expires_in,
                           request_id=args.request_id, note=args.note or "", id=args.id)
@@ -22,7 +22,7 @@ def _cmd_credits_add(settings, args, on_bus) -> int:
 
 
 def _cmd_credits_show(settings, args, on_bus) -> int:
-    from bus import credits
+    from bus.account import credits
 
     async def go(js):
         return {"tenant": args.tenant, "available_micros": await credits.available(js, args.tenant)}
@@ -31,8 +31,8 @@ def _cmd_credits_show(settings, args, on_bus) -> int:
 
 
 def _cmd_budgets_set(settings, args, on_bus) -> int:
-    from bus.budgets import DEFAULT_THRESHOLDS, Budget, BudgetStore
-    from edge.spending_api import budget_view
+    from bus.account.budgets import DEFAULT_THRESHOLDS, Budget, BudgetStore
+    from edge.billing_api import budget_view
 
     budget = Budget(
         tenant=args.tenant, name=args.name, amount_micros=args.amount_micros, period=args.period,
@@ -42,7 +42,7 @@ def _cmd_budgets_set(settings, args, on_bus) -> int:
     )
 
     async def go(js):
-        from bus.tenancy_store import TenancyStore
+        from bus.account.tenant_store import TenancyStore
 
         await (await TenancyStore.open(js, set(settings.tiers))).get_tenant(args.tenant)
         return budget_view(await (await BudgetStore.open(js)).put(budget))
@@ -51,8 +51,8 @@ def _cmd_budgets_set(settings, args, on_bus) -> int:
 
 
 def _cmd_budgets_list(settings, args, on_bus) -> int:
-    from bus.budgets import BudgetStore
-    from edge.spending_api import budget_view
+    from bus.account.budgets import BudgetStore
+    from edge.billing_api import budget_view
 
     async def go(js):
         return [budget_view(b) for b in await (await BudgetStore.open(js)).list(args.tenant)]
@@ -61,7 +61,7 @@ def _cmd_budgets_list(settings, args, on_bus) -> int:
 
 
 def _cmd_budgets_delete(settings, args, on_bus) -> int:
-    from bus.budgets import BudgetStore
+    from bus.account.budgets import BudgetStore
 
     async def go(js):
         await (await BudgetStore.open(js)).delete(args.id)

@@ -30,7 +30,7 @@ from nats.js import JetStreamContext
 from bus.counters import add, read
 from bus.envelopes import MSG_ID_HEADER
 from bus.errors import Conflict, InvalidRequest
-from bus.prices import Units
+from bus.account.prices import Units
 from bus.protocol import ChatBody, CreditEntry, HoldNotice, decode_credit, encode
 from bus.settings import ModelSpec, Settings
 from bus.subjects import CREDIT_IDS_BUCKET, CREDITS_STREAM, credit_counter, credit_event_subject, hold_subject

@@ -16,7 +16,7 @@ from nats.js.kv import KeyValue
 
 from bus.errors import Conflict, InvalidRequest, NotFound
 from bus.subjects import KEYS_BUCKET, LANES, TENANTS_BUCKET
-from bus.tenancy import ApiKey, Tenant, new_key, valid_id
+from bus.account.tenants import ApiKey, Tenant, new_key, valid_id
 
 _tenant = msgspec.msgpack.Decoder(Tenant)
 _key = msgspec.msgpack.Decoder(ApiKey)

@@ -1,7 +1,7 @@
 """OpenAI's ``service_tier`` and the bus's priority lanes."""
 
 from bus.subjects import LANES
-from bus.tenancy import Policy
+from bus.account.tenants import Policy
 
 
 def lane_for(service_tier: str | None, policy: Policy) -> str:
