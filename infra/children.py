@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import shlex
 import signal
 import subprocess
 import sys
@@ -54,10 +55,6 @@ class Child:
         self.proc = subprocess.Popen(self.argv, env=self.env, process_group=0, preexec_fn=_die_with_parent)
         log.info("started %s (pid %d)", self.name, self.proc.pid)
 
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def tend(self, now: float) -> None:
         """Notice a death and decide about it, or start the child again once its backoff is over."""
         if self.given_up or self.stopping:
@@ -83,28 +80,25 @@ class Child:
         self.restart_at = now + delay
         log.warning("%s %s; restarting it in %.1f s (%s)", self.name, describe_exit(returncode), delay, window)
 
-    def terminate(self) -> None:
-        """Stop restarting it and send SIGTERM: it drains and leaves."""
-        self.stopping = True
-        if self.alive:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def wait_until(self, deadline: float) -> None:
-        """Wait for it to leave until ``deadline`` (monotonic), then SIGKILL it."""
-        if self.proc is None:
-            return
-        try:
-            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in time; killing it", self.name)
-            self.proc.kill()
-            self.proc.wait()
-
 
 def stop_group(children: list[Child], timeout: float) -> None:
-    """SIGTERM every child in the group at once, wait up to ``timeout`` for all of them, SIGKILL the rest."""
+    """Stop restarting the children, then stop their processes together (``stop_all``)."""
     for child in children:
-        child.terminate()
+        child.stopping = True
+    stop_all([child.proc for child in children if child.proc is not None], timeout)
+
+
+def stop_all(procs: list[subprocess.Popen], timeout: float) -> None:
+    """SIGTERM every process at once (each drains and leaves), wait up to ``timeout`` for all of them together,
+    SIGKILL the ones still there."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
     deadline = time.monotonic() + timeout
-    for child in children:
-        child.wait_until(deadline)
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not stop in time; killing it: %s", proc.pid, shlex.join(map(str, proc.args)))
+            proc.kill()
+            proc.wait()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -19,17 +18,10 @@ from urllib.parse import urlparse
 import msgspec
 
 from bus.connect import connect
-from bus.errors import Conflict, NotFound
-from bus.issuers import register_issuer
-from bus.protocol import IssuerGrant
-from bus.signing import Identity, write_private
-from bus.provision import provision
+from bus.signing import write_private
 from bus.settings import Settings
-from bus.account.tenants import Tenant, hash_key, key_id_of
-from bus.account.tenant_store import TenancyStore
 from consumers.models import resolve
-from consumers.serve import worker_identity_path
-from edge.app import edge_identity_path
+from infra.bootstrap import DEFAULT_TENANT, bootstrap
 from infra.children import Child, stop_group
 from infra.nats import roles
 from infra.nats_launcher import NatsCluster, NatsServer
@@ -44,41 +36,21 @@ def _secret_file(path: Path, make) -> str:
 
 
 async def _bootstrap(settings: Settings) -> tuple[str, str]:
-    """Provision the bus; make sure a default tenant and a working key for it exist.
+    """Bootstrap the bus for the default tenant; return its API key and the admin token.
 
-    The key's secret is kept in the state dir (mode 0600) so that a second
-    ``tollgate up`` prints the same key; it is re-minted if it no longer works.
+    The key (and an admin token not set in the settings) is kept in the state dir (mode 0600),
+    so that a second ``tollgate up`` prints the same; the key is re-minted if it no longer works.
     """
     state = Path(settings.state_dir)
     admin = settings.edge.admin_token or _secret_file(state / "admin_token", lambda: "tga-" + secrets.token_urlsafe(24))
     nc = await connect(settings.nats, "tollgate-up", service=False)
     try:
-        js = nc.jetstream()
-        await provision(js, settings)
-        # The edge vouches for every tenant it authenticates.
-        edge = Identity.load_or_create(edge_identity_path(settings))
-        await register_issuer(js, edge.public_key, IssuerGrant("edge", ["*"], role="edge"))
-        # Workers sign the usage they report with a key of their own.
-        worker = Identity.load_or_create(worker_identity_path(settings))
-        await register_issuer(js, worker.public_key, IssuerGrant("worker", ["*"], role="worker"))
-        store = await TenancyStore.open(js, set(settings.tiers))
-        with contextlib.suppress(Conflict):
-            await store.create_tenant(Tenant(id=DEFAULT_TENANT, tier="pro", name="Default tenant"))
-        key_file = state / "api_key"
-        if key_file.exists():
-            secret = key_file.read_text().strip()
-            with contextlib.suppress(NotFound):
-                key = await store.get_key(key_id_of(secret) or "-")
-                if key.tenant == DEFAULT_TENANT and key.usable(time.time()) and key.hash == hash_key(secret):
-                    return secret, admin
-        _, secret = await store.create_key(DEFAULT_TENANT, name="tollgate up")
-        write_private(key_file, secret.encode())
-        return secret, admin
+        done = await bootstrap(nc.jetstream(), settings, key_name="tollgate up", key_file=state / "api_key")
+        return done.api_key, admin
     finally:
         await nc.close()
 
 
-DEFAULT_TENANT = "default"
 _ADMIN_TOKEN_ENV = "TOLLGATE_EDGE_ADMIN_TOKEN"
 
 
