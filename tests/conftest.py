@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import nats
 import pytest
 from openai import AsyncOpenAI
@@ -27,22 +28,19 @@ from billing.serve import Billing
 from bus.envelopes import seal_usage
 from bus.ids import new_request_id
 from bus.protocol import Ticket, UsageEvent, encode
-from bus.provision import provision
 from bus.subjects import usage_subject
-from bus.issuers import register_issuer
-from bus.protocol import IssuerGrant
 from bus.settings import NatsSettings, load_settings
 from bus.signing import Identity
-from bus.account.tenants import Tenant
 from bus.account.tenant_store import TenancyStore
-from consumers.serve import worker_identity_path
+from edge.app import edge_identity_path
+from infra.bootstrap import DEFAULT_TENANT, Bootstrapped, bootstrap, trust
+from infra.children import stop_all
 from infra.nats import roles
 from infra.nats_launcher import NatsServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "tga-test-admin"
 CHAT_MODEL = "smollm2-135m"
-DEFAULT_TENANT = "default"
 # Micro-credits per token for the chat model in the test stack.
 CHAT_INPUT_PRICE, CHAT_OUTPUT_PRICE = 3, 7
 # Internal services with NATS users of their own.
@@ -160,6 +158,23 @@ class Stack:
         return await nats.connect(s.url, user=s.user, password=s.password, inbox_prefix=s.inbox_prefix.encode(),
                                   **options)
 
+    def bootstrap(self) -> Bootstrapped:
+        """Bootstrap the bus as an operator would; the default tenant's key becomes ``api_key``."""
+        async def run():
+            nc = await self.connect("admin")
+            try:
+                return await bootstrap(nc.jetstream(), self.settings, key_name="tests")
+            finally:
+                await nc.close()
+
+        done = asyncio.run(run())
+        self.api_key = done.api_key
+        return done
+
+    def stop(self) -> None:
+        """Stop every process this stack spawned (SIGKILL after 15 s)."""
+        stop_all(self.procs, 15)
+
     async def tenancy(self, action):
         """Run ``action(store)`` against the tenancy store, as an operator would."""
         nc = await self.connect("admin")
@@ -197,22 +212,8 @@ def stack(tmp_path_factory):
     (tmp / "nats.conf").write_text(roles.render(passwords))
     server = NatsServer(tmp / "nats", config=tmp / "nats.conf").start()
     st = Stack(tmp, config, server.url, edge_port, passwords)
-
-    async def prepare():
-        nc = await st.connect("admin")
-        js = nc.jetstream()
-        await provision(js, st.settings)
-        edge = Identity.load_or_create(Path(st.settings.state_dir, "keys", "edge.seed"))
-        await register_issuer(js, edge.public_key, IssuerGrant("edge", ["*"], role="edge"))
-        worker = Identity.load_or_create(worker_identity_path(st.settings))
-        await register_issuer(js, worker.public_key, IssuerGrant("worker", ["*"], role="worker"))
-        store = await TenancyStore.open(js, set(st.settings.tiers))
-        await store.create_tenant(Tenant(id=DEFAULT_TENANT, tier="pro"))
-        _, st.api_key = await store.create_key(DEFAULT_TENANT, name="tests")
-        await nc.close()
-
-    asyncio.run(prepare())
-    UsageSigner.current = UsageSigner(st.settings)
+    done = st.bootstrap()
+    UsageSigner.current = UsageSigner(done.edge, done.worker)
     # Fetch and convert the weights once, before any worker races to do it.
     subprocess.run([sys.executable, "-m", "infra.cli", "models", "pull", CHAT_MODEL], env=st.env, cwd=ROOT, check=True)
     st.spawn("edge", "edge")
@@ -221,14 +222,7 @@ def stack(tmp_path_factory):
         st.wait_serving(CHAT_MODEL)
         yield st
     finally:
-        for proc in st.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in st.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        st.stop()
         server.stop()
 
 
@@ -301,9 +295,8 @@ class UsageSigner:
 
     current: "UsageSigner | None" = None  # the session stack's, for tests that publish usage
 
-    def __init__(self, settings):
-        self.edge = Identity.load_or_create(Path(settings.state_dir, "keys", "edge.seed"))
-        self.worker = Identity.load_or_create(worker_identity_path(settings))
+    def __init__(self, edge: Identity, worker: Identity):
+        self.edge, self.worker = edge, worker
 
     def seal(self, event: UsageEvent, ticket: Ticket | None = None) -> tuple[bytes, dict[str, str]]:
         ticket = ticket or Ticket(event.request_id, event.tenant, event.principal, self.edge.public_key, event.kind,
@@ -343,13 +336,13 @@ def second_edge(stack) -> str:
     port = free_port()
     state = stack.tmp / "edge2"  # its own state dir: its own signing identity, trusted by the operator
 
-    async def trust():
-        identity = Identity.load_or_create(state / "keys" / "edge.seed")
+    async def trust_edge():
         nc = await stack.connect("admin")
-        await register_issuer(nc.jetstream(), identity.public_key, IssuerGrant("edge-2", ["*"], role="edge"))
+        path = edge_identity_path(msgspec.structs.replace(stack.settings, state_dir=str(state)))
+        await trust(nc.jetstream(), path, "edge-2", "edge")
         await nc.close()
 
-    asyncio.run(trust())
+    asyncio.run(trust_edge())
     stack.spawn("edge", "edge", env={"TOLLGATE_EDGE_PORT": str(port), "TOLLGATE_STATE_DIR": str(state)})
     base_url = f"http://127.0.0.1:{port}"
     stack.wait_serving(CHAT_MODEL, base_url=base_url, timeout=60)

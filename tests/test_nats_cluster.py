@@ -24,19 +24,12 @@ import openai
 import pytest
 
 from bus.connect import connect
-from bus.issuers import register_issuer
-from bus.protocol import IssuerGrant
-from bus.provision import provision
 from bus.settings import load_settings
-from bus.signing import Identity
 from bus.subjects import METER_CONSUMER, REQUESTS_STREAM, USAGE_STREAM
-from bus.account.tenants import Tenant
-from bus.account.tenant_store import TenancyStore
-from consumers.serve import worker_identity_path
 from infra.nats import roles
 from infra.nats_launcher import NatsCluster, free_port, healthy
 from tests.conftest import (
-    CHAT_MODEL, DEFAULT_TENANT, ROOT, BillingRunner, Stack, _config, eventually, request_id,
+    CHAT_MODEL, ROOT, BillingRunner, Stack, _config, eventually, request_id,
 )
 
 CLIENTS = 4
@@ -98,22 +91,8 @@ def cluster_stack(tmp_path_factory):
     # Every process, this one included, provisions at three replicas.
     st.env["TOLLGATE_NATS_REPLICAS"] = "3"
     st.settings = load_settings(config, st.env)
-
-    async def prepare():
-        nc = await st.connect("admin")
-        js = nc.jetstream()
-        await provision(js, st.settings)
-        edge = Identity.load_or_create(st.tmp / "state" / "keys" / "edge.seed")
-        await register_issuer(js, edge.public_key, IssuerGrant("edge", ["*"], role="edge"))
-        worker = Identity.load_or_create(worker_identity_path(st.settings))
-        await register_issuer(js, worker.public_key, IssuerGrant("worker", ["*"], role="worker"))
-        store = await TenancyStore.open(js, set(st.settings.tiers))
-        await store.create_tenant(Tenant(id=DEFAULT_TENANT, tier="pro"))
-        _, st.api_key = await store.create_key(DEFAULT_TENANT, name="tests")
-        await nc.close()
-
     try:
-        asyncio.run(prepare())
+        st.bootstrap()
         subprocess.run([sys.executable, "-m", "infra.cli", "models", "pull", CHAT_MODEL], env=st.env, cwd=ROOT,
                        check=True)
         st.spawn("edge", "edge")
@@ -121,14 +100,7 @@ def cluster_stack(tmp_path_factory):
         st.wait_serving(CHAT_MODEL)
         yield st, cluster
     finally:
-        for proc in st.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in st.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        st.stop()
         cluster.stop()
 
 
