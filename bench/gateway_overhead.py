@@ -30,15 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.fixed_backend import FixedBackend  # noqa: E402
 from bus.protocol import ChatBody, ChatMessage, decode_report  # noqa: E402
-from bus.issuers import register_issuer  # noqa: E402
-from bus.protocol import IssuerGrant  # noqa: E402
-from bus.provision import provision  # noqa: E402
-from bus.signing import Identity  # noqa: E402
 from bus.account.tenants import Limits, Tenant  # noqa: E402
-from bus.account.tenant_store import TenancyStore  # noqa: E402
-from edge.app import edge_identity_path  # noqa: E402
-from consumers.serve import worker_identity_path  # noqa: E402
 from bus.settings import load_settings  # noqa: E402
+from infra.bootstrap import bootstrap  # noqa: E402
+from infra.children import stop_all  # noqa: E402
 from infra.nats_launcher import NatsServer, free_port  # noqa: E402
 
 MODEL = "bench-fixed"
@@ -142,20 +137,13 @@ def main() -> None:
     settings = load_settings(config, env)
 
     async def prepare() -> str:
-        """Provision, trust the edge's key, and make a tenant with per-minute limits and a key for it."""
+        """Bootstrap the bus with a tenant whose per-minute limits are never reached; its key."""
         nc = await nats.connect(server.url)
-        js = nc.jetstream()
-        await provision(js, settings)
-        edge = Identity.load_or_create(edge_identity_path(settings))
-        await register_issuer(js, edge.public_key, IssuerGrant("edge", ["*"], role="edge"))
-        worker = Identity.load_or_create(worker_identity_path(settings))
-        await register_issuer(js, worker.public_key, IssuerGrant("worker", ["*"], role="worker"))
-        store = await TenancyStore.open(js, set(settings.tiers))
         limits = Limits(rpm=10**9, tpm=10**12)
-        await store.create_tenant(Tenant(id="bench", tier="enterprise", default_lane="normal", limits=limits))
-        _, key = await store.create_key("bench")
+        done = await bootstrap(nc.jetstream(), settings,
+                               tenant=Tenant(id="bench", tier="enterprise", default_lane="normal", limits=limits))
         await nc.close()
-        return key
+        return done.api_key
 
     global KEY
     KEY = asyncio.run(prepare())
@@ -199,10 +187,7 @@ def main() -> None:
             if values:
                 print(f"| {name} | {pct(values, 50):.2f} ms | {pct(values, 99):.2f} ms |")
     finally:
-        for p in procs:
-            p.send_signal(2)
-        for p in procs:
-            p.wait(timeout=20)
+        stop_all(procs, 20)
         server.stop()
     if args.profile:
         print("\nedge process, top functions by own time:")

@@ -28,14 +28,10 @@ from billing.meter import Meter  # noqa: E402
 from billing.schema import apply_schema  # noqa: E402
 from bus.envelopes import seal_usage  # noqa: E402
 from bus.ids import new_request_id  # noqa: E402
-from bus.issuers import register_issuer  # noqa: E402
-from bus.protocol import IssuerGrant, Ticket, UsageEvent, encode  # noqa: E402
-from bus.signing import Identity  # noqa: E402
-from bus.provision import provision  # noqa: E402
+from bus.protocol import Ticket, UsageEvent, encode  # noqa: E402
 from bus.settings import Settings  # noqa: E402
+from infra.bootstrap import Bootstrapped, bootstrap  # noqa: E402
 from infra.nats_launcher import NatsServer  # noqa: E402
-
-EDGE, WORKER = Identity.generate(), Identity.generate()
 
 
 def event(tenant: str) -> UsageEvent:
@@ -46,18 +42,18 @@ def event(tenant: str) -> UsageEvent:
                       cache_hit=False, worker_id="w")
 
 
-def sealed(e: UsageEvent) -> tuple[bytes, dict[str, str]]:
+def sealed(e: UsageEvent, signers: Bootstrapped) -> tuple[bytes, dict[str, str]]:
     """The event as a worker reports it: bound to a ticket the edge signed, signed by the worker."""
-    ticket = Ticket(e.request_id, e.tenant, e.principal, EDGE.public_key, e.kind, e.model, e.lane,
+    ticket = Ticket(e.request_id, e.tenant, e.principal, signers.edge.public_key, e.kind, e.model, e.lane,
                     e.queued_at, e.queued_at + 60, e.hold_micros)
-    return seal_usage(e, ticket, EDGE.sign(encode(ticket)), WORKER)
+    return seal_usage(e, ticket, signers.edge.sign(encode(ticket)), signers.worker)
 
 
-async def publish(js, n: int, tenant: str, rate: float | None = None) -> None:
+async def publish(js, signers: Bootstrapped, n: int, tenant: str, rate: float | None = None) -> None:
     start = time.perf_counter()
     pending = []
     for i in range(n):
-        data, headers = sealed(event(tenant))
+        data, headers = sealed(event(tenant), signers)
         # Sent now (a task), so an event's finished_at is its publish time, as a worker's is.
         pending.append(asyncio.ensure_future(js.publish(f"tg.usage.{tenant}", data, headers=headers)))
         if len(pending) == 500:
@@ -81,13 +77,11 @@ async def main(events: int, rate: float, batch: int) -> None:
     with NatsServer(tmp / "nats") as server:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
-        await provision(js, settings)
-        await register_issuer(js, EDGE.public_key, IssuerGrant("edge", ["*"], role="edge"))
-        await register_issuer(js, WORKER.public_key, IssuerGrant("worker", ["*"], role="worker"))
+        signers = await bootstrap(js, settings)
         ch = await asyncio.to_thread(ClickHouse, settings.clickhouse)
         await apply_schema(ch)
 
-        await publish(js, events, "burst")
+        await publish(js, signers, events, "burst")
         meter = Meter(settings, nc, ch)
         await meter.start()
         stop = asyncio.Event()
@@ -99,7 +93,7 @@ async def main(events: int, rate: float, batch: int) -> None:
         print(f"throughput: {events} events in {elapsed:.2f} s = {events / elapsed:,.0f} events/s "
               f"(batch size {settings.meter.batch_size})")
 
-        await publish(js, int(rate * 10), "steady", rate=rate)
+        await publish(js, signers, int(rate * 10), "steady", rate=rate)
         while await rows(ch, "steady") < int(rate * 10):
             await asyncio.sleep(0.05)
         [(p50, p99, worst)] = await ch.query(
