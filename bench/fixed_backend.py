@@ -13,6 +13,8 @@ ANSWER = "The capital of France is Paris."
 
 
 class FixedBackend:
+    kinds = frozenset({"chat"})
+
     async def chat(self, body: ChatBody, cancel: asyncio.Event) -> AsyncIterator[str | ChatResult]:
         yield ANSWER
         yield ChatResult("stop", 12, 8)

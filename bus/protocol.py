@@ -48,6 +48,19 @@ class ChatBody(msgspec.Struct, tag="chat", frozen=True):
 RequestBody = Union[ChatBody]
 
 
+class BlobRef(msgspec.Struct, frozen=True):
+    """Where a body or result too large for one message lies: an object in a JetStream object store.
+
+    Inside a signed envelope the digest is signed too, so whoever may write the bucket
+    still cannot change what a worker runs.
+    """
+
+    bucket: str
+    name: str
+    size: Count
+    sha256: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]  # hex
+
+
 class Envelope(msgspec.Struct, frozen=True):
     """One unit of work, signed by its issuer over its exact MessagePack bytes."""
 
@@ -61,11 +74,13 @@ class Envelope(msgspec.Struct, frozen=True):
     created: Seconds
     deadline: Seconds  # past it the work is dropped unrun
     reply: str
-    body: RequestBody
+    body: RequestBody | None  # None while it travels as ``blob`` (bus/blobs.py)
     trace: dict[str, str] = {}
     v: int = SCHEMA_VERSION
     # Micro-credits held for this request at admission (prepaid tenants); settled from its usage.
     hold_micros: Micros = 0
+    # The encoded body, stored apart when larger than the publisher's blob threshold.
+    blob: BlobRef | None = None
 
     def ticket(self) -> "Ticket":
         """What the issuer vouches it admitted, without the body: the meter checks usage against it."""
@@ -119,6 +134,8 @@ class Final(msgspec.Struct, tag="final", frozen=True):
     finish_reason: str
     usage: Usage
     text: str = ""  # text not yet sent as deltas
+    blob: BlobRef | None = None  # a result too large for one message (bus/blobs.py)
+    result: bytes = b""  # a kind's own encoded result (``consumers.kinds.Outcome.result``)
 
 
 class Failed(msgspec.Struct, tag="error", frozen=True):

@@ -21,14 +21,14 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from bus.blobs import inline
 from bus.envelopes import MSG_ID_HEADER, TICKET_HEADER, open_envelope, seal_usage
 from bus.errors import JS_STREAM_FULL, BadEnvelope, DeadlineExceeded, TollgateError, WorkerFailed
 from bus.issuers import watch_issuers
 from bus.dead_letters import dead_letter
 from bus.liveness import LivePublishers, announced
-from bus.prices import Units
 from bus.protocol import (
-    ChatBody, Delta, Envelope, Failed, Final, Heartbeat, Started, Usage, UsageEvent, WorkerAnnouncement, encode,
+    Delta, Envelope, Failed, Final, Heartbeat, Started, Usage, UsageEvent, WorkerAnnouncement, encode,
 )
 from bus.provision import ensure_work_consumers
 from bus.settings import ModelSpec, Settings
@@ -36,7 +36,8 @@ from bus.signing import Identity
 from bus.subjects import (
     CANCEL_WILDCARD, CANCELLED_BUCKET, PUBLISHERS_BUCKET, WORKERS_BUCKET, liveness_key, request_wildcard, usage_subject,
 )
-from consumers.backends.base import ChatBackend, ChatResult
+from consumers.backends.base import Backend
+from consumers.kinds import KINDS, Outcome
 from consumers.lanes import LanePuller
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class _Replies:
 class Worker:
     """Serves one model from its lane consumers, running up to ``spec.concurrency`` requests at once."""
 
-    def __init__(self, settings: Settings, model: str, backend: ChatBackend, nc: Client, identity: Identity,
+    def __init__(self, settings: Settings, model: str, backend: Backend, nc: Client, identity: Identity,
                  worker_id: str | None = None):
         self.settings = settings
         self.identity = identity  # signs usage reports; registered with role "worker"
@@ -164,6 +165,8 @@ class Worker:
                                      self.settings.max_deadline_s)
             if envelope.model != self.model:
                 raise BadEnvelope(f"envelope for {envelope.model} on {self.model}'s queue")
+            if envelope.kind not in self.backend.kinds or envelope.kind not in KINDS:
+                raise BadEnvelope(f"{self.model} does not serve {envelope.kind!r} requests")
             if self._cancelled_ids.pop(envelope.id, None) is not None or (
                 msg.metadata.num_delivered > 1 and await self._was_cancelled(envelope.id)
             ):
@@ -172,6 +175,7 @@ class Worker:
                 # Its edge (or service) is gone, and with it the client: nobody would get the answer.
                 await dead_letter(self.js, msg, "work", "its publisher is gone: nobody would receive the answer")
                 return
+            envelope = await inline(self.js, envelope)  # a body sent as a blob, fetched only for work that runs
         except BadEnvelope as exc:
             log.warning("terminated work message %s: %s", (msg.headers or {}).get(MSG_ID_HEADER), exc)
             await msg.term()
@@ -192,39 +196,28 @@ class Worker:
             return False
 
     async def _run(self, envelope: Envelope, msg: Msg) -> UsageEvent:
+        """Execute the request under its kind, send its final or error frame, and return its usage."""
         replies = _Replies(self.nc, envelope.reply)
         cancel = asyncio.Event()
         self._running[envelope.id] = cancel
-        loop = asyncio.get_running_loop()
-        deadline = loop.call_later(max(0.0, envelope.deadline - time.time()), cancel.set)
+        deadline = asyncio.get_running_loop().call_later(max(0.0, envelope.deadline - time.time()), cancel.set)
         started = time.time()
-        first_token: float | None = None
-        result = ChatResult("cancelled", 0, 0)
+        outcome = Outcome("cancelled")
         status, error_code = "ok", None
         await replies.send(Started, worker=self.worker_id)
         keepalive = asyncio.create_task(self._keepalive(replies, msg))
         try:
-            body: ChatBody = envelope.body
-            held: list[str] = []
-            async for item in self.backend.chat(body, cancel):
-                if isinstance(item, ChatResult):
-                    result = item
-                    continue
-                if first_token is None:
-                    first_token = time.time()
-                if body.stream:
-                    await replies.send(Delta, text=item)
-                else:
-                    held.append(item)
-            if result.finish_reason == "cancelled" or cancel.is_set():
+            outcome = await KINDS[envelope.kind].execute(
+                self.backend, envelope.body, cancel, lambda text: replies.send(Delta, text=text))
+            if outcome.finish_reason == "cancelled" or cancel.is_set():
                 status = "cancelled"
-                err = DeadlineExceeded("the request's deadline passed while it ran") if time.time() >= envelope.deadline else None
-                if err is not None:
+                if time.time() >= envelope.deadline:
+                    err = DeadlineExceeded("the request's deadline passed while it ran")
                     error_code = err.code
                     await replies.send(Failed, error=err.info())
             else:
-                usage = Usage(result.prompt_tokens, result.completion_tokens)
-                await replies.send(Final, finish_reason=result.finish_reason, usage=usage, text="".join(held))
+                await replies.send(Final, finish_reason=outcome.finish_reason, text=outcome.text,
+                                   usage=Usage(outcome.input_units, outcome.output_units), result=outcome.result)
         except TollgateError as exc:
             status, error_code = "error", exc.code or exc.type
             await replies.send(Failed, error=exc.info())
@@ -237,6 +230,11 @@ class Worker:
             keepalive.cancel()
             deadline.cancel()
             self._running.pop(envelope.id, None)
+        return self._usage(envelope, outcome, started, status, error_code)
+
+    def _usage(self, envelope: Envelope, outcome: Outcome, started: float, status: str,
+               error_code: str | None) -> UsageEvent:
+        """The request's one usage event, priced by the one price function the edge's hold used too."""
         return UsageEvent(
             request_id=envelope.id,
             tenant=envelope.tenant,
@@ -246,15 +244,12 @@ class Worker:
             lane=envelope.lane,
             queued_at=envelope.created,
             started_at=started,
-            first_token_at=first_token,
+            first_token_at=outcome.first_output_at,
             finished_at=time.time(),
-            input_units=result.prompt_tokens,
-            output_units=result.completion_tokens,
-            unit="tokens",
-            cost_micros=self.spec.prices.cost(
-                Units(input_tokens=result.prompt_tokens, output_tokens=result.completion_tokens),
-                self.settings.lane_multipliers.get(envelope.lane, 1.0),
-            ),
+            input_units=outcome.input_units,
+            output_units=outcome.output_units,
+            unit=outcome.unit,
+            cost_micros=self.spec.prices.cost(outcome.units, self.settings.lane_multipliers.get(envelope.lane, 1.0)),
             status=status,
             cache_hit=False,
             worker_id=self.worker_id,

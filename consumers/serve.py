@@ -12,7 +12,7 @@ from bus.connect import connect
 from bus.issuers import issuer_registered
 from bus.settings import ModelSpec, Settings
 from bus.signing import Identity
-from consumers.backends.base import ChatBackend
+from consumers.backends.base import Backend
 from consumers.models import resolve
 from consumers.runtime import Worker
 
@@ -24,7 +24,7 @@ def worker_identity_path(settings: Settings) -> Path:
     return Path(settings.state_dir, "keys", "worker.seed")
 
 
-def load_backend(spec: ModelSpec, path: str) -> ChatBackend:
+def load_backend(spec: ModelSpec, path: str) -> Backend:
     """Instantiate the backend named by ``spec.backend`` on the weights at ``path``."""
     if spec.backend == "transformers" and spec.kind == "chat":
         from consumers.backends.transformers_chat import TransformersChat
@@ -33,7 +33,7 @@ def load_backend(spec: ModelSpec, path: str) -> ChatBackend:
     raise ValueError(f"no {spec.backend!r} backend for {spec.kind!r} models")
 
 
-async def serve_model(settings: Settings, model: str, backend: ChatBackend | None = None) -> None:
+async def serve_model(settings: Settings, model: str, backend: Backend | None = None) -> None:
     """Serve ``model`` until SIGINT or SIGTERM; loading happens off the event loop."""
     spec = settings.models[model]
     if backend is None:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from bus.protocol import ChatBody
-from bus.settings import ModelSpec, Settings
+from bus.account.prices import Charge
 from bus.account.tenants import Policy
+from bus.settings import ModelSpec, Settings
 from edge.ratelimit import Admission, RateLimiter
-from edge.quota import QuotaGate, prepaid_terms
+from edge.quota import QuotaGate
 
 
 @dataclass
@@ -26,7 +26,6 @@ class Admitted:
 
     request_id: str
     tenant: str
-    body: ChatBody  # as admitted: a prepaid request without max_tokens gets the model's cap
     limits: Admission
     hold: int
 
@@ -38,14 +37,16 @@ class Gate:
         self._settings, self._limiter, self._quota = settings, limiter, quota
         self._undoing: set[asyncio.Task] = set()
 
-    async def admit(self, *, request_id: str, tenant: str, key: str, policy: Policy, spec: ModelSpec,
-                    body: ChatBody, lane: str, estimate, deadline: float) -> Admitted:
-        """Take everything the request needs, or raise the refusal; safe to cancel at any point."""
+    async def admit(self, *, request_id: str, tenant: str, key: str, policy: Policy, spec: ModelSpec, lane: str,
+                    charge: Charge, deadline: float) -> Admitted:
+        """Take everything the request needs, or raise the refusal; safe to cancel at any point.
+
+        A prepaid tenant holds the price of ``charge.max_units`` on ``lane``, priced by the
+        one function the worker prices its usage with.
+        """
         self._quota.check_budgets(tenant, key)
-        hold = 0
-        if policy.prepaid:
-            body, hold = prepaid_terms(spec, body, self._settings.lane_multipliers.get(lane, 1.0))
-        task = asyncio.ensure_future(self._take(request_id, tenant, policy, body, estimate(body), hold, deadline))
+        hold = spec.prices.cost(charge.max_units, self._settings.lane_multipliers.get(lane, 1.0)) if policy.prepaid else 0
+        task = asyncio.ensure_future(self._take(request_id, tenant, policy, charge.tokens, hold, deadline))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -53,7 +54,7 @@ class Gate:
             task.add_done_callback(self._undo_when_done)
             raise
 
-    async def _take(self, request_id: str, tenant: str, policy: Policy, body: ChatBody, tokens: int, hold: int,
+    async def _take(self, request_id: str, tenant: str, policy: Policy, tokens: int, hold: int,
                     deadline: float) -> Admitted:
         limits = await self._limiter.admit(policy, tokens)
         try:
@@ -62,7 +63,7 @@ class Gate:
         except BaseException:
             self._limiter.finish_soon(limits, 0)
             raise
-        return Admitted(request_id, tenant, body, limits, hold)
+        return Admitted(request_id, tenant, limits, hold)
 
     def _undo_when_done(self, task: asyncio.Task) -> None:
         if task.cancelled() or task.exception() is not None:

@@ -9,27 +9,19 @@ import msgspec
 import nats.errors
 from aiohttp import web
 
-from bus.openai.chat import ChatResults, to_body
+from bus.openai.chat import ChatResults, charge, prepaid_body, to_body
 from bus.errors import ModelNotFound, NoCapacity, TollgateError
 from bus.ids import new_request_id
 from bus.openai.chat import ChatCompletionRequest
-from bus.protocol import ChatBody
 from bus.publisher import Call, Publisher
 from bus.openai.service_tier import lane_for, tier_of
 from bus.openai.decoding import decode_json as decode_body
 from edge.admission import Gate
 from edge.errors import error_event
-from edge.ratelimit import DEFAULT_COMPLETION_ESTIMATE
 
 _encode = msgspec.json.Encoder().encode
 REQUEST_ID_HEADER = "x-request-id"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def estimate_tokens(body: ChatBody) -> int:
-    """Tokens to charge at admission: ~4 characters a token in, plus the completion cap."""
-    prompt = sum(len(m.content) for m in body.messages) // 4 + 4 * len(body.messages)
-    return prompt + (body.max_tokens or DEFAULT_COMPLETION_ESTIMATE)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -44,16 +36,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = to_body(req, spec)
     lane = lane_for(req.service_tier, policy)
     publisher.check_serving(req.model)  # before admission: a 503 costs the caller no quota
+    if policy.prepaid:
+        body = prepaid_body(body, spec)
     admitted = await gate.admit(
         request_id=new_request_id(), tenant=principal.tenant.id, key=principal.key.id, policy=policy, spec=spec,
-        body=body, lane=lane, estimate=estimate_tokens, deadline=time.time() + publisher.deadline_s,
+        lane=lane, charge=charge(body), deadline=time.time() + publisher.deadline_s,
     )
     call: Call | None = None
     queued = True  # unknown counts as queued: then billing settles or sweeps the hold, never twice
     try:
         async with publisher.submit(
             tenant=admitted.tenant, principal=principal.key.id, model=req.model, lane=lane, kind="chat",
-            body=admitted.body, request_id=admitted.request_id, hold_micros=admitted.hold,
+            body=body, request_id=admitted.request_id, hold_micros=admitted.hold,
         ) as call:
             headers = {**admitted.limits.headers, REQUEST_ID_HEADER: call.envelope.id}
             reply = _Reply(call, req, tier_of(lane, policy.default_lane), headers)

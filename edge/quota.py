@@ -13,25 +13,16 @@ import asyncio
 import logging
 import time
 
-import msgspec
 from nats.js import JetStreamContext
 
 from bus.account import credits
 from bus.account.budgets import Budget, BudgetState, decode_budget, decode_state
 from bus.errors import InsufficientQuota
-from bus.protocol import ChatBody, HoldNotice
-from bus.settings import ModelSpec
+from bus.protocol import HoldNotice
 from bus.subjects import BUDGET_STATE_BUCKET, BUDGETS_BUCKET
 from bus.watched import WatchedBucket
 
 log = logging.getLogger(__name__)
-
-
-def prepaid_terms(spec: ModelSpec, body: ChatBody, lane_multiplier: float) -> tuple[ChatBody, int]:
-    """A prepaid request's body, capped where it set no ``max_tokens`` (a hold needs a bound), and its hold."""
-    if body.max_tokens is None:
-        body = msgspec.structs.replace(body, max_tokens=spec.default_max_tokens)
-    return body, credits.max_cost(spec, body, body.max_tokens, lane_multiplier)
 
 
 class QuotaGate:

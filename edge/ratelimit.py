@@ -35,8 +35,6 @@ from bus.account.tenants import Policy
 log = logging.getLogger(__name__)
 
 WINDOW_S = 60
-# Completion tokens assumed at admission when a request sets no max_tokens; settled later.
-DEFAULT_COMPLETION_ESTIMATE = 256
 _STALE_S = 30.0
 _CAS_TRIES = 20
 

@@ -15,6 +15,7 @@ from bus.account import credits
 from bus.envelopes import MSG_ID_HEADER
 from bus.protocol import ChatBody, ChatMessage, CreditEntry, HoldNotice, encode
 from bus.account.tenants import Tenant
+from bus.openai.chat import charge
 from billing.expiry import unspent
 from bus.subjects import EVENTS_STREAM, HOLDS_STREAM, METER_CONSUMER, USAGE_STREAM, credit_event_subject, hold_subject
 from tests.conftest import (
@@ -44,7 +45,7 @@ async def _prepaid_tenant(stack, tenant_id: str) -> str:
 def _hold(stack, lane: str = "high") -> int:
     """What one PROMPT request with MAX_TOKENS holds (on the enterprise tier's default lane, high)."""
     body = ChatBody(messages=[ChatMessage(**m) for m in PROMPT], max_tokens=MAX_TOKENS)
-    return credits.max_cost(stack.settings.model(CHAT_MODEL), body, MAX_TOKENS, stack.settings.lane_multipliers[lane])
+    return stack.settings.model(CHAT_MODEL).prices.cost(charge(body).max_units, stack.settings.lane_multipliers[lane])
 
 
 async def _grant(stack, nc, tenant: str, amount: int, **extra) -> dict:

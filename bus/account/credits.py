@@ -30,27 +30,14 @@ from nats.js import JetStreamContext
 from bus.counters import add, read
 from bus.envelopes import MSG_ID_HEADER
 from bus.errors import Conflict, InvalidRequest
-from bus.account.prices import Units
-from bus.protocol import ChatBody, CreditEntry, HoldNotice, decode_credit, encode
-from bus.settings import ModelSpec, Settings
+from bus.protocol import CreditEntry, HoldNotice, decode_credit, encode
+from bus.settings import Settings
 from bus.subjects import CREDIT_IDS_BUCKET, CREDITS_STREAM, credit_counter, credit_event_subject, hold_subject
 
 # What one ledger entry may move (ClickHouse keeps amounts as Int64), and the latest expiry (year 2200).
 MAX_MICROS, _LATEST_EXPIRY = 2**62, 7_258_118_400.0
-# Tokens a chat template may add around the messages (role markers, a default system prompt).
-_TEMPLATE_TOKENS, _MESSAGE_TOKENS = 64, 8
 # Ids billing makes itself (``billing.expiry``, the debit view): an operator's id must not take one.
 _RESERVED_ID_PREFIXES, _MAX_ID_LENGTH = ("expire-", "debit-"), 256
-
-
-def max_prompt_tokens(body: ChatBody) -> int:
-    """An upper bound on the prompt's tokens: byte-level tokenizers spend at least a byte a token."""
-    return sum(len(m.content.encode()) + _MESSAGE_TOKENS for m in body.messages) + _TEMPLATE_TOKENS
-
-
-def max_cost(spec: ModelSpec, body: ChatBody, completion_cap: int, lane_multiplier: float) -> int:
-    """The most ``body`` can cost: its whole prompt and ``completion_cap`` completion tokens."""
-    return spec.prices.cost(Units(input_tokens=max_prompt_tokens(body), output_tokens=completion_cap), lane_multiplier)
 
 
 class CreditChange(msgspec.Struct, forbid_unknown_fields=True):

@@ -24,6 +24,15 @@ class Units(msgspec.Struct, frozen=True):
     characters: int = 0  # text read aloud
 
 
+class Charge(msgspec.Struct, frozen=True):
+    """What admission charges one request, worked out by its endpoint's kind: tokens against the
+    per-minute limits (corrected by the real count when it ends) and its most expensive outcome,
+    which a prepaid tenant holds."""
+
+    tokens: int
+    max_units: Units
+
+
 class Prices(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Micro-credits per unit, before the lane's multiplier; a unit left out is free."""
 

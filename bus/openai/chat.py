@@ -10,6 +10,7 @@ from typing import Annotated, Literal, Union
 import msgspec
 from msgspec import Meta
 
+from bus.account.prices import Charge, Units
 from bus.errors import InvalidRequest
 from bus.protocol import ChatBody, ChatMessage, Envelope, Final
 from bus.settings import ModelSpec
@@ -146,6 +147,26 @@ def to_body(req: ChatCompletionRequest, spec: ModelSpec | None) -> ChatBody:
         seed=req.seed,
         stream=req.stream,
     )
+
+
+# Completion tokens assumed for per-minute limits when a request sets no max_tokens; corrected later.
+DEFAULT_COMPLETION_ESTIMATE = 256
+# Tokens a chat template may add around the messages (role markers, a default system prompt).
+_TEMPLATE_TOKENS, _MESSAGE_TOKENS = 64, 8
+
+
+def prepaid_body(body: ChatBody, spec: ModelSpec) -> ChatBody:
+    """A prepaid request's body: capped at the model's ``default_max_tokens`` if it set none (a hold needs a bound)."""
+    return body if body.max_tokens is not None else msgspec.structs.replace(body, max_tokens=spec.default_max_tokens)
+
+
+def charge(body: ChatBody) -> Charge:
+    """The token estimate (~4 characters a token, plus the completion cap) and the most ``body`` can use:
+    every prompt byte a token (byte-level tokenizers spend at least a byte a token) and its whole cap."""
+    estimate = sum(len(m.content) for m in body.messages) // 4 + 4 * len(body.messages)
+    prompt_bound = sum(len(m.content.encode()) + _MESSAGE_TOKENS for m in body.messages) + _TEMPLATE_TOKENS
+    return Charge(tokens=estimate + (body.max_tokens or DEFAULT_COMPLETION_ESTIMATE),
+                  max_units=Units(input_tokens=prompt_bound, output_tokens=body.max_tokens or 0))
 
 
 def usage_of(final: Final) -> CompletionUsage:

@@ -18,7 +18,13 @@ class ChatResult:
     completion_tokens: int
 
 
-class ChatBackend(Protocol):
+class Backend(Protocol):
+    """A loaded model: the kinds of work it serves (``consumers.kinds``), each through its own method."""
+
+    kinds: frozenset[str]
+
+
+class ChatBackend(Backend, Protocol):
     """Runs chat requests for one loaded model."""
 
     def chat(self, body: ChatBody, cancel: asyncio.Event) -> AsyncIterator[str | ChatResult]:

@@ -44,6 +44,8 @@ class _StopWhen(StoppingCriteria):
 class TransformersChat:
     """A loaded causal LM and its tokenizer with a chat template."""
 
+    kinds = frozenset({"chat"})
+
     def __init__(self, path: str):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
