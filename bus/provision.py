@@ -15,6 +15,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from bus.blobs import blob_stream
 from bus.settings import Settings
 from bus.subjects import (
     BUDGET_STATE_BUCKET,
@@ -38,6 +39,8 @@ from bus.subjects import (
     REQUESTS_STREAM,
     USAGE_STREAM,
     PUBLISHERS_BUCKET,
+    REQUEST_BLOBS_BUCKET,
+    RESULT_BLOBS_BUCKET,
     WORKERS_BUCKET,
     work_consumer,
     request_subject,
@@ -134,6 +137,16 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
         KeyValueConfig(replicas=replicas, bucket=CREDIT_IDS_BUCKET, history=1),  # no TTL: an id is taken for good
     ):
         await _ensure_bucket(js, config)
+    # Object stores, configured as nats-py's create_object_store makes them (so `nats object`
+    # reads them): an object outlives the longest deadline, so a redelivery still finds its body.
+    for bucket in (REQUEST_BLOBS_BUCKET, RESULT_BLOBS_BUCKET):
+        await _ensure_stream(
+            js,
+            StreamConfig(name=blob_stream(bucket), num_replicas=replicas, storage=StorageType.FILE,
+                         subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"], max_age=window,
+                         max_bytes=settings.edge.blob_store_max_bytes, discard=DiscardPolicy.NEW,
+                         allow_rollup_hdrs=True, allow_direct=True),
+        )
     await _ensure_stream(
         js,
         StreamConfig(

@@ -18,6 +18,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from bus.blobs import BLOB_THRESHOLD_BYTES, outline
 from bus.envelopes import seal
 from bus.errors import JS_STREAM_FULL, DeadlineExceeded, NoCapacity, QueueFull, TollgateError, WorkerFailed
 from bus.ids import new_request_id
@@ -79,8 +80,11 @@ class Publisher:
     """Signs and publishes work as ``publisher_id`` and routes the replies back to each caller."""
 
     def __init__(self, nc: Client, identity: Identity, publisher_id: str, *, deadline_s: float, silence_s: float,
-                 liveness_s: float = 2.0):
+                 liveness_s: float = 2.0, blob_threshold: int = BLOB_THRESHOLD_BYTES):
         self.nc = nc
+        # Larger bodies go by blob; capped so the rest of the envelope and its headers always fit
+        # the server's max_payload, whatever the operator set it to.
+        self.blob_threshold = min(blob_threshold, nc.max_payload // 2)
         self.liveness_s = liveness_s
         self.js = nc.jetstream()
         self.identity = identity
@@ -127,7 +131,8 @@ class Publisher:
                      request_id: str | None = None, hold_micros: int = 0):
         """Publish one signed request and yield its ``Call``; cancel it if left unfinished.
 
-        A caller that held credits for the request passes its id and the hold.
+        A caller that held credits for the request passes its id and the hold. A body over
+        the blob threshold is stored first and the envelope carries its reference.
         """
         self.check_serving(model)
         now = time.time()
@@ -146,6 +151,12 @@ class Publisher:
             body=body,
             hold_micros=hold_micros,
         )
+        try:
+            envelope = await outline(self.js, envelope, self.blob_threshold)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == JS_STREAM_FULL:  # nothing queued yet: refused like a full lane
+                raise QueueFull("The gateway's store for large requests is full right now. Try again shortly.") from None
+            raise
         data, headers = seal(envelope, self.identity, self.deadline_s)
         call = Call(envelope, self.silence_s)
         self._calls[request_id] = call

@@ -15,6 +15,7 @@ from typing import Annotated, Literal, Mapping
 import msgspec
 
 from bus.account.prices import Prices
+from bus.blobs import BLOB_THRESHOLD_BYTES
 from bus.subjects import LANES, token
 from bus.account.tenants import DEFAULT_TIERS, Tier
 
@@ -49,6 +50,12 @@ class EdgeSettings(msgspec.Struct, forbid_unknown_fields=True):
     # A queued request is failed fast when the worker that took it stops heartbeating.
     worker_silence_s: float = 5.0
     max_body_bytes: int = 8 * 1024 * 1024
+    # Request bodies encoded larger than this travel through the tg_blobs object store, so
+    # nothing under max_body_bytes depends on nats-server's max_payload (bus/blobs.py).
+    blob_threshold_bytes: Annotated[int, msgspec.Meta(ge=1)] = BLOB_THRESHOLD_BYTES
+    # The most the blob buckets (request bodies, results) each hold; when full, a large
+    # request is refused (503, retry) rather than anything stored being dropped.
+    blob_store_max_bytes: int = 4 * 1024**3
 
 
 class WorkerSettings(msgspec.Struct, forbid_unknown_fields=True):

@@ -27,6 +27,10 @@ CREDIT_IDS_BUCKET = "tg_credit_ids"
 DEAD_LETTER_STREAM = "DEADLETTER"
 BUDGETS_BUCKET = "tg_budgets"
 BUDGET_STATE_BUCKET = "tg_budget_state"
+# Object stores (streams OBJ_<bucket>): request bodies over the blob threshold, written by
+# publishers and read by workers; large results, written by workers and read by publishers.
+REQUEST_BLOBS_BUCKET = "tg_blobs"
+RESULT_BLOBS_BUCKET = "tg_results"
 METER_CONSUMER = "meter"
 LEDGER_CONSUMER = "ledger"
 HOLDS_CONSUMER = "holds"

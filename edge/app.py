@@ -77,7 +77,7 @@ def create_app(settings: Settings) -> web.Application:
         edge_id = "edge-" + uuid.uuid4().hex[:12]
         publisher = Publisher(
             nc, identity, edge_id, deadline_s=settings.edge.request_timeout_s, silence_s=settings.edge.worker_silence_s,
-            liveness_s=settings.worker.liveness_s,
+            liveness_s=settings.worker.liveness_s, blob_threshold=settings.edge.blob_threshold_bytes,
         )
         await publisher.start()
         inflight = InFlight(await js.key_value(INFLIGHT_BUCKET), edge_id)

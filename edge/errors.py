@@ -14,30 +14,28 @@ from bus.openai.errors import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
 
-# Room a request's envelope needs on the bus beyond the body itself: headers (issuer, signature,
-# ids, TTL) and envelope fields. A body that re-encodes larger is still caught at publish.
-ENVELOPE_OVERHEAD = 64 * 1024
 # Media types a JSON route takes. `application/octet-stream` is what HTTP libraries send for raw
 # bytes with no type given; it labels nothing, so it is read as JSON like a body with no type.
 _JSON_TYPES = ("application/json", "application/octet-stream")
 
 
 def check_body(request: web.Request) -> None:
-    """Refuse, before any work, a body the route cannot read as JSON or the bus cannot carry."""
+    """Refuse, before any work, a body the route cannot read as JSON or that is over the edge's limit.
+
+    The bus carries anything under that limit (large bodies go by blob, bus/blobs.py).
+    """
     if request.method not in ("POST", "PUT", "PATCH") or not request.body_exists:
         return
     kind = request.content_type  # aiohttp's default when the header is absent is octet-stream
     if kind not in _JSON_TYPES and not kind.endswith("+json"):
         raise InvalidRequest(f"Content-Type {kind} is not supported: send a JSON body with "
                              "Content-Type: application/json.", code="unsupported_content_type")
-    publisher = request.app.get("publisher")
-    if publisher is not None and (request.content_length or 0) > publisher.nc.max_payload - ENVELOPE_OVERHEAD:
-        raise _too_large(publisher.nc.max_payload)
+    if (request.content_length or 0) > request.client_max_size:
+        raise _too_large(request.client_max_size)
 
 
-def _too_large(max_payload: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"The request body is larger than this gateway's message bus carries "
-                           f"({max_payload - ENVELOPE_OVERHEAD} bytes at most).")
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than this gateway takes ({limit} bytes at most).")
 
 
 def _error_json(exc: TollgateError) -> bytes:
@@ -53,8 +51,7 @@ def error_event(exc: TollgateError) -> bytes:
     return b"data: " + _error_json(exc) + b"\n\n"
 
 
-_HTTP_TYPES = {404: ("invalid_request_error", "unknown_url"), 405: ("invalid_request_error", "method_not_allowed"),
-               413: ("invalid_request_error", "request_too_large")}
+_HTTP_TYPES = {404: ("invalid_request_error", "unknown_url"), 405: ("invalid_request_error", "method_not_allowed")}
 
 
 @web.middleware
@@ -73,13 +70,12 @@ async def error_middleware(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if exc.status == 413:  # aiohttp's own, for a body sent without a Content-Length
+            return error_response(_too_large(request.client_max_size))
         type_, code = _HTTP_TYPES.get(exc.status, ("invalid_request_error", None))
         err = TollgateError(f"{exc.reason}: {request.method} {request.path}", code=code)
         err.status, err.type = exc.status, type_
         return error_response(err)
-    except nats.errors.MaxPayloadError:
-        # Only a body that re-encoded larger than its Content-Length (or sent chunked) gets here.
-        return error_response(_too_large(request.app["publisher"].nc.max_payload))
     except nats.errors.Error:
         log.exception("the bus failed on %s %s", request.method, request.path)
         return error_response(NoCapacity("The gateway's message bus is unavailable right now. Try again shortly.",

@@ -9,7 +9,7 @@ import pytest
 
 from bus.provision import ensure_work_consumers
 from bus.subjects import (
-    ISSUERS_BUCKET, KEYS_BUCKET, LANES, REQUESTS_STREAM, WORKERS_BUCKET, budget_event_subject, liveness_key, request_subject,
+    ISSUERS_BUCKET, KEYS_BUCKET, LANES, REQUEST_BLOBS_BUCKET, REQUESTS_STREAM, WORKERS_BUCKET, budget_event_subject, liveness_key, request_subject,
     request_wildcard, usage_subject, work_consumer,
 )
 from bus.account.tenants import key_id_of
@@ -55,6 +55,18 @@ async def test_a_worker_cannot_publish_work_write_the_issuer_registry_or_announc
     for subject in (request_subject("normal", CHAT_MODEL), f"$KV.{ISSUERS_BUCKET}.forged", other_liveness):
         assert violations.refused(subject), (subject, violations.seen)
     assert (await nc.jetstream().stream_info(REQUESTS_STREAM)).state.last_seq == before
+
+
+async def test_a_worker_cannot_write_a_blob(stack):
+    """Request bodies are the publishers' to store: a worker only reads them."""
+    violations = Violations()
+    worker = await stack.connect(worker_role(CHAT_MODEL), error_cb=violations.callback)
+    forged = (f"$O.{REQUEST_BLOBS_BUCKET}.C.forged", f"$O.{REQUEST_BLOBS_BUCKET}.M.forged")
+    for subject in forged:
+        await _refused_write(worker, subject)
+    await worker.close()
+    for subject in forged:
+        assert violations.refused(subject), (subject, violations.seen)
 
 
 async def test_a_worker_of_one_model_cannot_pull_be_rung_for_or_retarget_another_models_work(stack, nc):

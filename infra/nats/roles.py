@@ -34,6 +34,8 @@ from bus.subjects import (
     USAGE_QUERY_SUBJECT,
     USAGE_STREAM,
     PUBLISHERS_BUCKET,
+    REQUEST_BLOBS_BUCKET,
+    RESULT_BLOBS_BUCKET,
     WORKERS_BUCKET,
     request_subject,
     request_wildcard,
@@ -99,6 +101,17 @@ def _consume_own_work(model: str) -> list[str]:
     return rights
 
 
+def _blob_write(bucket: str) -> list[str]:
+    """Put objects in ``bucket`` (bus/blobs.py): its chunk and meta subjects, nothing else."""
+    return [f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"]
+
+
+def _blob_read(bucket: str) -> list[str]:
+    """Read objects of ``bucket`` (bus/blobs.py): direct gets of its meta (by subject) and chunks (by payload)."""
+    stream = f"OBJ_{bucket}"
+    return [f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>"]
+
+
 def _read_counters(stream: str) -> list[str]:
     return [f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>"]
 
@@ -116,7 +129,8 @@ def permissions(role: str) -> dict:
                # tenant; budgets and their state. Never budget alerts or usage: those are billing's.
                "tg.credit.>", "tg.event.credit.>", "tg.hold.>", *_read_counters(CREDITS_STREAM),
                *_kv_write(CREDIT_IDS_BUCKET),
-               *_kv_write(BUDGETS_BUCKET), *_kv_read(BUDGET_STATE_BUCKET)]
+               *_kv_write(BUDGETS_BUCKET), *_kv_read(BUDGET_STATE_BUCKET),
+               *_blob_write(REQUEST_BLOBS_BUCKET), *_blob_read(RESULT_BLOBS_BUCKET)]  # large bodies and results
         # Edges own the HTTP connections of every tenant, so they may read any edge's replies.
         sub = ["tg.reply.>"]
     elif role.startswith("worker:"):
@@ -126,7 +140,9 @@ def permissions(role: str) -> dict:
         pub = ["tg.reply.>", "tg.usage.>", *_consume_own_work(model),
                f"$JS.API.STREAM.INFO.KV_{WORKERS_BUCKET}", f"$KV.{WORKERS_BUCKET}.{token(model)}.>",  # its liveness
                *_kv_read(PUBLISHERS_BUCKET), "tg.dead.work",  # work whose publisher is gone is dead-lettered
-               *_kv_read(ISSUERS_BUCKET), *_kv_read(CANCELLED_BUCKET)]
+               *_kv_read(ISSUERS_BUCKET), *_kv_read(CANCELLED_BUCKET),
+               # large bodies it reads (their digests are signed in the envelope), large results it writes
+               *_blob_read(REQUEST_BLOBS_BUCKET), *_blob_write(RESULT_BLOBS_BUCKET)]
         # Its model's doorbell and every cancel; never publish work.
         sub = [request_wildcard(model), "tg.cancel.*"]
     elif role == "billing":
@@ -142,7 +158,7 @@ def permissions(role: str) -> dict:
     elif role.startswith("svc:"):
         name = role.removeprefix("svc:")
         pub = ["tg.req.>", "tg.cancel.>", *_kv_write(CANCELLED_BUCKET), *_kv_read(WORKERS_BUCKET),
-               *_kv_write(PUBLISHERS_BUCKET)]
+               *_kv_write(PUBLISHERS_BUCKET), *_blob_write(REQUEST_BLOBS_BUCKET), *_blob_read(RESULT_BLOBS_BUCKET)]
         sub = [f"tg.reply.{name}.>"]  # its own replies, nobody else's
     else:
         raise ValueError(f"unknown role {role!r}")
