@@ -45,7 +45,19 @@ class ChatBody(msgspec.Struct, tag="chat", frozen=True):
     stream: bool = True
 
 
-RequestBody = Union[ChatBody]
+TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+
+
+class EmbeddingsBody(msgspec.Struct, tag="embeddings", frozen=True):
+    """An embeddings request: one vector per input, in order. An input is a text or a list of
+    token ids in the model's own vocabulary."""
+
+    inputs: Annotated[list[Union[str, list[TokenId]]], Meta(min_length=1, max_length=2048)]
+    # Shorter vectors than the model's own, where the model allows it; None: its own size.
+    dimensions: Annotated[int, Meta(ge=1, le=65_536)] | None = None
+
+
+RequestBody = Union[ChatBody, EmbeddingsBody]
 
 
 class BlobRef(msgspec.Struct, frozen=True):
@@ -136,6 +148,13 @@ class Final(msgspec.Struct, tag="final", frozen=True):
     text: str = ""  # text not yet sent as deltas
     blob: BlobRef | None = None  # a result too large for one message (bus/blobs.py)
     result: bytes = b""  # a kind's own encoded result (``consumers.kinds.Outcome.result``)
+
+
+class EmbeddingsResult(msgspec.Struct, frozen=True):
+    """An embeddings request's ``Final.result``: one vector per input, in order, each as
+    little-endian float32 bytes (compact on the bus, and what OpenAI's base64 format carries)."""
+
+    vectors: list[bytes]
 
 
 class Failed(msgspec.Struct, tag="error", frozen=True):
