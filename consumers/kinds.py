@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol
 
 from bus.account.prices import Units
-from bus.protocol import ChatBody
+from bus.protocol import ChatBody, EmbeddingsBody, EmbeddingsResult, encode
 from consumers.backends.base import ChatResult
 
 SendText = Callable[[str], Awaitable[None]]
@@ -67,4 +67,18 @@ class Chat:
         )
 
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (Chat(),)}
+class Embeddings:
+    """Embeddings: one vector per input, all in the final frame, priced per input token."""
+
+    name = "embeddings"
+
+    async def execute(self, backend, body: EmbeddingsBody, cancel: asyncio.Event, send_text: SendText) -> Outcome:
+        embedded = await backend.embed(body, cancel)
+        if embedded is None:
+            return Outcome("cancelled")  # no vectors left the worker: nothing to bill
+        n = embedded.tokens
+        return Outcome("stop", units=Units(input_tokens=n), input_units=n, unit="tokens", first_output_at=time.time(),
+                       result=encode(EmbeddingsResult(embedded.vectors)))
+
+
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (Chat(), Embeddings())}

@@ -21,7 +21,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus.blobs import inline
+from bus.blobs import inline, store_result
 from bus.envelopes import MSG_ID_HEADER, TICKET_HEADER, open_envelope, seal_usage
 from bus.errors import JS_STREAM_FULL, BadEnvelope, DeadlineExceeded, TollgateError, WorkerFailed
 from bus.issuers import watch_issuers
@@ -71,6 +71,8 @@ class Worker:
         self.nc = nc
         self.js = nc.jetstream()
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
+        # Results larger than this go through tg_results; capped so a final frame always fits max_payload.
+        self._result_threshold = min(settings.edge.blob_threshold_bytes, nc.max_payload // 2)
         self._doorbell = asyncio.Event()
         self._stopping = False
         self._running: dict[str, asyncio.Event] = {}
@@ -216,8 +218,11 @@ class Worker:
                     error_code = err.code
                     await replies.send(Failed, error=err.info())
             else:
+                result, blob = outcome.result, None
+                if len(result) > self._result_threshold:  # e.g. many embeddings: kept apart, sent by reference
+                    result, blob = b"", await store_result(self.js, envelope.id, result)
                 await replies.send(Final, finish_reason=outcome.finish_reason, text=outcome.text,
-                                   usage=Usage(outcome.input_units, outcome.output_units), result=outcome.result)
+                                   usage=Usage(outcome.input_units, outcome.output_units), result=result, blob=blob)
         except TollgateError as exc:
             status, error_code = "error", exc.code or exc.type
             await replies.send(Failed, error=exc.info())

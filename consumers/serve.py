@@ -30,6 +30,15 @@ def load_backend(spec: ModelSpec, path: str) -> Backend:
         from consumers.backends.transformers_chat import TransformersChat
 
         return TransformersChat(path)
+    if spec.backend == "transformers" and spec.kind == "embeddings":
+        from consumers.backends.sentence_embeddings import SentenceEmbeddings
+
+        backend = SentenceEmbeddings(path, max_batch=spec.max_batch, batch_wait_ms=spec.batch_wait_ms,
+                                     matryoshka=spec.matryoshka)
+        if backend.dimensions != spec.dimensions:  # the edge checks requests against the configured size
+            raise ValueError(f"the weights at {path} make {backend.dimensions}-dimensional vectors; "
+                             f"the model is configured with dimensions = {spec.dimensions}")
+        return backend
     raise ValueError(f"no {spec.backend!r} backend for {spec.kind!r} models")
 
 

@@ -126,6 +126,9 @@ def _text(message: Message, index: int) -> str:
 
 def to_body(req: ChatCompletionRequest, spec: ModelSpec | None) -> ChatBody:
     """The bus form of a validated OpenAI chat request, with the model's sampling defaults filled in."""
+    if spec is not None and spec.kind != "chat":  # its workers would refuse it unrun
+        raise InvalidRequest(f"The model '{req.model}' does not chat; it serves {spec.kind}.",
+                             param="model", code="model_not_supported")
     if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
         raise InvalidRequest("Set max_tokens or max_completion_tokens, not both.", param="max_tokens")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])

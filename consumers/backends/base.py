@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
-from bus.protocol import ChatBody
+from bus.protocol import ChatBody, EmbeddingsBody
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,15 @@ class ChatResult:
     finish_reason: str  # stop | length | cancelled
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """An embeddings backend's answer: one little-endian float32 vector per input, in order, and the
+    tokens the model read for them (special tokens included, after truncation)."""
+
+    vectors: list[bytes]
+    tokens: int
 
 
 class Backend(Protocol):
@@ -31,5 +40,16 @@ class ChatBackend(Backend, Protocol):
         """Yield text pieces as they are produced, then exactly one ``ChatResult``.
 
         Must stop promptly once ``cancel`` is set, and must never block the event loop.
+        """
+        ...
+
+
+class EmbeddingsBackend(Backend, Protocol):
+    """Embeds texts or token-id lists for one loaded model."""
+
+    async def embed(self, body: EmbeddingsBody, cancel: asyncio.Event) -> Embedded | None:
+        """Embed ``body.inputs`` in order, or return None once ``cancel`` is set before they are done.
+
+        Must never block the event loop.
         """
         ...
