@@ -7,6 +7,7 @@ import asyncio
 import nats.errors
 import pytest
 
+from bus import blobs
 from bus.provision import ensure_work_consumers
 from bus.subjects import (
     ISSUERS_BUCKET, KEYS_BUCKET, LANES, REQUEST_BLOBS_BUCKET, REQUESTS_STREAM, WORKERS_BUCKET, budget_event_subject, liveness_key, request_subject,
@@ -57,10 +58,12 @@ async def test_a_worker_cannot_publish_work_write_the_issuer_registry_or_announc
     assert (await nc.jetstream().stream_info(REQUESTS_STREAM)).state.last_seq == before
 
 
-async def test_a_worker_cannot_write_a_blob(stack):
+async def test_a_worker_reads_request_blobs_but_cannot_write_one(stack, nc):
     """Request bodies are the publishers' to store: a worker only reads them."""
+    ref = await blobs.put(nc.jetstream(), REQUEST_BLOBS_BUCKET, "permissions-test", b"x" * 200_000)
     violations = Violations()
     worker = await stack.connect(worker_role(CHAT_MODEL), error_cb=violations.callback)
+    assert await blobs.get(worker.jetstream(), ref) == b"x" * 200_000
     forged = (f"$O.{REQUEST_BLOBS_BUCKET}.C.forged", f"$O.{REQUEST_BLOBS_BUCKET}.M.forged")
     for subject in forged:
         await _refused_write(worker, subject)
