@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -30,9 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.fixed_backend import FixedBackend  # noqa: E402
 from bus.protocol import ChatBody, ChatMessage, decode_report  # noqa: E402
-from bus.account.tenants import Limits, Tenant  # noqa: E402
+from bench.stack import bench_key, wait_serving  # noqa: E402
 from bus.settings import load_settings  # noqa: E402
-from infra.bootstrap import bootstrap  # noqa: E402
 from infra.children import stop_all  # noqa: E402
 from infra.nats_launcher import NatsServer, free_port  # noqa: E402
 
@@ -134,19 +132,8 @@ def main() -> None:
     )
     server = NatsServer(tmp / "nats").start()
     env = {**os.environ, "TOLLGATE_CONFIG": str(config), "TOLLGATE_NATS_URL": server.url, "PYTHONPATH": str(ROOT)}
-    settings = load_settings(config, env)
-
-    async def prepare() -> str:
-        """Bootstrap the bus with a tenant whose per-minute limits are never reached; its key."""
-        nc = await nats.connect(server.url)
-        limits = Limits(rpm=10**9, tpm=10**12)
-        done = await bootstrap(nc.jetstream(), settings,
-                               tenant=Tenant(id="bench", tier="enterprise", default_lane="normal", limits=limits))
-        await nc.close()
-        return done.api_key
-
     global KEY
-    KEY = asyncio.run(prepare())
+    KEY = bench_key(server.url, load_settings(config, env))
     edge_cmd = [sys.executable, "-m", "infra.cli", "--log-level", "WARNING", "edge"]
     if args.profile:
         edge_cmd[1:1] = ["-m", "cProfile", "-o", str(tmp / "edge.prof")]
@@ -156,14 +143,7 @@ def main() -> None:
     ]
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     try:
-        for _ in range(200):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                    if b'"bench-fixed": true' in r.read():
-                        break
-            except OSError:
-                pass
-            time.sleep(0.1)
+        wait_serving(port, [MODEL], timeout=20)
         direct = asyncio.run(direct_baseline())
         d50, d99 = pct(direct, 50), pct(direct, 99)
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
