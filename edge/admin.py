@@ -1,4 +1,4 @@
-"""The admin API (``/admin/...``, admin token only): tenants and API keys."""
+"""The admin API for tenants and API keys (mounted under ``/admin``, admin token only)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from bus.errors import InvalidRequest
 from bus.account.tenants import ApiKey, Limits, Tenant
 from bus.account.tenant_store import TenancyStore
 from bus.openai.decoding import decode_json as decode_body
+from edge.state import TENANCY
 
 
 class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -21,6 +22,10 @@ class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
     endpoints: list[str] | None = None
     limits: Limits = Limits()
     model_limits: dict[str, Limits] = {}
+
+
+# Mounted under /admin, behind the admin guard (edge.app).
+admin_routes = web.RouteTableDef()
 
 
 def json_response(data, status: int = 200) -> web.Response:
@@ -36,8 +41,7 @@ def key_view(key: ApiKey) -> dict:
 
 
 def _store(request: web.Request) -> TenancyStore:
-    request.app["auth"].require_admin(request)
-    return request.app["tenancy"]
+    return request.config_dict[TENANCY]
 
 
 async def _patch(request: web.Request) -> dict:
@@ -47,25 +51,30 @@ async def _patch(request: web.Request) -> dict:
     return patch
 
 
+@admin_routes.post("/tenants")
 async def create_tenant(request: web.Request) -> web.Response:
     store = _store(request)
     tenant = await store.create_tenant(decode_body(await request.read(), Tenant))
     return json_response(tenant, 201)
 
 
+@admin_routes.get("/tenants")
 async def list_tenants(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": await _store(request).list_tenants()})
 
 
+@admin_routes.get("/tenants/{tenant}")
 async def get_tenant(request: web.Request) -> web.Response:
     return json_response(await _store(request).get_tenant(request.match_info["tenant"]))
 
 
+@admin_routes.patch("/tenants/{tenant}")
 async def update_tenant(request: web.Request) -> web.Response:
     store = _store(request)
     return json_response(await store.update_tenant(request.match_info["tenant"], await _patch(request)))
 
 
+@admin_routes.post("/tenants/{tenant}/keys")
 async def create_key(request: web.Request) -> web.Response:
     store = _store(request)
     spec = decode_body(await request.read() or b"{}", KeyCreate)
@@ -79,31 +88,23 @@ async def create_key(request: web.Request) -> web.Response:
     return json_response({"key": secret, **key_view(key)}, 201)
 
 
+@admin_routes.get("/keys")
 async def list_keys(request: web.Request) -> web.Response:
     keys = await _store(request).list_keys(request.query.get("tenant"))
     return json_response({"object": "list", "data": [key_view(k) for k in keys]})
 
 
+@admin_routes.get("/keys/{key}")
 async def get_key(request: web.Request) -> web.Response:
     return json_response(key_view(await _store(request).get_key(request.match_info["key"])))
 
 
+@admin_routes.patch("/keys/{key}")
 async def update_key(request: web.Request) -> web.Response:
     store = _store(request)
     return json_response(key_view(await store.update_key(request.match_info["key"], await _patch(request))))
 
 
+@admin_routes.delete("/keys/{key}")
 async def revoke_key(request: web.Request) -> web.Response:
     return json_response(key_view(await _store(request).revoke_key(request.match_info["key"])))
-
-
-def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_post("/admin/tenants", create_tenant)
-    router.add_get("/admin/tenants", list_tenants)
-    router.add_get("/admin/tenants/{tenant}", get_tenant)
-    router.add_patch("/admin/tenants/{tenant}", update_tenant)
-    router.add_post("/admin/tenants/{tenant}/keys", create_key)
-    router.add_get("/admin/keys", list_keys)
-    router.add_get("/admin/keys/{key}", get_key)
-    router.add_patch("/admin/keys/{key}", update_key)
-    router.add_delete("/admin/keys/{key}", revoke_key)

@@ -7,42 +7,38 @@ import logging
 import uuid
 from pathlib import Path
 
-import msgspec
 from aiohttp import web
 
 from bus.account.budgets import BudgetStore
 from bus.connect import connect
 from bus.issuers import issuer_registered
-from bus.openai.models import ModelCard, ModelList
 from bus.publisher import Publisher
 from bus.settings import Settings
 from bus.signing import Identity
 from bus.subjects import INFLIGHT_BUCKET, KEYS_BUCKET, TENANTS_BUCKET
 from bus.account.tenant_store import TenancyStore, decode_key, decode_tenant
 from bus.watched import WatchedBucket
-from edge.admin import add_routes
+from edge import admin as admin_api, billing_api, chat, embeddings, models, usage
 from edge.admission import Gate
 from edge.auth import Authenticator
-from edge.chat import chat_completions
 from edge.errors import error_middleware
 from edge.ratelimit import InFlight, RateLimiter
 from edge.quota import QuotaGate
-from edge.billing_api import add_routes as add_billing_routes
-from edge.usage import admin_usage, tenant_usage
+from edge.state import AUTH, BUDGETS, GATE, PUBLISHER, QUOTA, SETTINGS, TENANCY
 
 log = logging.getLogger(__name__)
 
 
-async def list_models(request: web.Request) -> web.Response:
-    principal = request.app["auth"].authenticate(request, "models")
-    names = request.app["settings"].models
-    cards = [ModelCard(name) for name in names if principal.policy(name).model_allowed]
-    return web.Response(body=msgspec.json.encode(ModelList(cards)), content_type="application/json")
+@web.middleware
+async def admin_only(request: web.Request, handler):
+    """The one guard in front of every ``/admin`` route: the admin token, and nothing else, gets in."""
+    request.config_dict[AUTH].require_admin(request)
+    return await handler(request)
 
 
 async def healthz(request: web.Request) -> web.Response:
-    publisher: Publisher = request.app["publisher"]
-    models = {name: publisher.live.serving(name) for name in request.app["settings"].models}
+    publisher = request.config_dict[PUBLISHER]
+    models = {name: publisher.live.serving(name) for name in request.config_dict[SETTINGS].models}
     ok = publisher.nc.is_connected
     return web.json_response({"status": "ok" if ok else "degraded", "models": models}, status=200 if ok else 503)
 
@@ -54,14 +50,14 @@ def edge_identity_path(settings: Settings) -> Path:
 def create_app(settings: Settings) -> web.Application:
     """Build the edge application; it connects to NATS when it starts."""
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.edge.max_body_bytes)
-    app["settings"] = settings
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_get("/v1/models", list_models)
+    app[SETTINGS] = settings
+    for endpoint in (chat, embeddings, models, usage, billing_api):  # one route table per endpoint module
+        app.add_routes(endpoint.routes)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/v1/usage", tenant_usage)
-    app.router.add_get("/admin/usage", admin_usage)
-    add_routes(app.router)
-    add_billing_routes(app.router)
+    admin = web.Application(middlewares=[admin_only])
+    for endpoint in (admin_api, usage, billing_api):
+        admin.add_routes(endpoint.admin_routes)
+    app.add_subapp("/admin", admin)
 
     async def lifecycle(app: web.Application):
         nc = await connect(settings.nats, "tollgate-edge")
@@ -83,14 +79,13 @@ def create_app(settings: Settings) -> web.Application:
         inflight = InFlight(await js.key_value(INFLIGHT_BUCKET), edge_id)
         limiter = RateLimiter(js, inflight)
         chores = [asyncio.create_task(inflight.keep_fresh()), asyncio.create_task(limiter.flush_corrections())]
-        app["publisher"] = publisher
-        app["auth"] = Authenticator(tenants, keys, settings.tiers, settings.edge.admin_token)
-        app["tenancy"] = await TenancyStore.open(js, set(settings.tiers))
-        app["limiter"] = limiter
-        app["quota"] = quota = QuotaGate(js)
+        app[PUBLISHER] = publisher
+        app[AUTH] = Authenticator(tenants, keys, settings.tiers, settings.edge.admin_token)
+        app[TENANCY] = await TenancyStore.open(js, set(settings.tiers))
+        app[QUOTA] = quota = QuotaGate(js)
         await quota.start()
-        app["gate"] = gate = Gate(settings, limiter, quota)
-        app["budgets"] = await BudgetStore.open(js)
+        app[GATE] = gate = Gate(settings, limiter, quota)
+        app[BUDGETS] = await BudgetStore.open(js)
         yield
         await gate.stop()
         await quota.stop()

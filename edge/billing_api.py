@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+
 import msgspec
 from aiohttp import web
 
@@ -12,37 +13,43 @@ from bus.account.budgets import Budget, BudgetStore, check
 from bus.openai.decoding import decode_json as decode_body
 from edge.admin import json_response
 from edge.quota import QuotaGate
+from edge.state import AUTH, BUDGETS, PUBLISHER, QUOTA, SETTINGS, TENANCY
+
+routes = web.RouteTableDef()
+# Mounted under /admin, behind the admin guard (edge.app).
+admin_routes = web.RouteTableDef()
 
 
 async def _credits_view(request: web.Request, tenant: str) -> web.Response:
-    js = request.app["publisher"].js
+    js = request.config_dict[PUBLISHER].js
     return json_response({"object": "credits", "tenant": tenant, "available_micros": await credits.available(js, tenant)})
 
 
+@routes.get("/v1/credits")
 async def tenant_credits(request: web.Request) -> web.Response:
     """GET /v1/credits: the caller's own available credits (balance less holds for requests in flight)."""
-    principal = request.app["auth"].authenticate(request, "credits")
+    principal = request.config_dict[AUTH].authenticate(request, "credits")
     return await _credits_view(request, principal.tenant.id)
 
 
+@admin_routes.get("/tenants/{tenant}/credits")
 async def get_credits(request: web.Request) -> web.Response:
-    request.app["auth"].require_admin(request)
-    tenant = await request.app["tenancy"].get_tenant(request.match_info["tenant"])
+    tenant = await request.config_dict[TENANCY].get_tenant(request.match_info["tenant"])
     return await _credits_view(request, tenant.id)
 
 
+@admin_routes.post("/tenants/{tenant}/credits")
 async def add_credits(request: web.Request) -> web.Response:
     """POST /admin/tenants/{tenant}/credits: record a grant, top-up or refund in the ledger.
 
     ``id`` is an idempotency key scoped to the tenant: the same change under it again is
     applied once (202, the first entry), a different change is a 409.
     """
-    request.app["auth"].require_admin(request)
-    tenant = (await request.app["tenancy"].get_tenant(request.match_info["tenant"])).id
+    tenant = (await request.config_dict[TENANCY].get_tenant(request.match_info["tenant"])).id
     entry = decode_body(await request.read(), CreditChange).entry(tenant, time.time())
     # The tenant's id is claimed before anything is published: a reused id is a 409 now, not a
     # silent drop in billing later; a retry gets the first entry back.
-    entry = await credits.record_change(request.app["publisher"].js, entry)
+    entry = await credits.record_change(request.config_dict[PUBLISHER].js, entry)
     # Accepted: billing applies the entry to the balance, normally within milliseconds.
     return json_response(entry, 202)
 
@@ -55,36 +62,29 @@ def budget_view(budget: Budget, state=None) -> dict:
 
 
 def _budgets(request: web.Request) -> BudgetStore:
-    request.app["auth"].require_admin(request)
-    return request.app["budgets"]
+    return request.config_dict[BUDGETS]
 
 
+@admin_routes.post("/budgets")
 async def put_budget(request: web.Request) -> web.Response:
     """POST /admin/budgets: create a budget, or replace the one with the same tenant and name."""
     store = _budgets(request)
-    allow = request.app["settings"].meter.webhook_allow  # the same file billing reads
+    allow = request.config_dict[SETTINGS].meter.webhook_allow  # the same file billing reads
     budget = check(decode_body(await request.read(), Budget), allow)
-    await request.app["tenancy"].get_tenant(budget.tenant)
+    await request.config_dict[TENANCY].get_tenant(budget.tenant)
     return json_response(budget_view(await store.put(budget, allow)), 201)
 
 
+@admin_routes.get("/budgets")
 async def list_budgets(request: web.Request) -> web.Response:
     """GET /admin/budgets[?tenant=]: budgets with what each has spent in its current period."""
     budgets = await _budgets(request).list(request.query.get("tenant"))
-    gate: QuotaGate = request.app["quota"]
+    gate: QuotaGate = request.config_dict[QUOTA]
     data = [budget_view(b, gate.state(b.id)) for b in budgets]
     return json_response({"object": "list", "data": data})
 
 
+@admin_routes.delete("/budgets/{budget}")
 async def delete_budget(request: web.Request) -> web.Response:
     await _budgets(request).delete(request.match_info["budget"])
     return json_response({"id": request.match_info["budget"], "deleted": True})
-
-
-def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_get("/v1/credits", tenant_credits)
-    router.add_get("/admin/tenants/{tenant}/credits", get_credits)
-    router.add_post("/admin/tenants/{tenant}/credits", add_credits)
-    router.add_post("/admin/budgets", put_budget)
-    router.add_get("/admin/budgets", list_budgets)
-    router.add_delete("/admin/budgets/{budget}", delete_budget)

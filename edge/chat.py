@@ -18,18 +18,23 @@ from bus.openai.service_tier import lane_for, tier_of
 from bus.openai.decoding import decode_json as decode_body
 from edge.admission import Gate
 from edge.errors import error_event
+from edge.state import AUTH, GATE, PUBLISHER, SETTINGS
 
 _encode = msgspec.json.Encoder().encode
 REQUEST_ID_HEADER = "x-request-id"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+routes = web.RouteTableDef()
+
+
+@routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    publisher: Publisher = request.app["publisher"]
-    gate: Gate = request.app["gate"]
-    principal = request.app["auth"].authenticate(request, "chat.completions")
+    publisher: Publisher = request.config_dict[PUBLISHER]
+    gate: Gate = request.config_dict[GATE]
+    principal = request.config_dict[AUTH].authenticate(request, "chat.completions")
     req = decode_body(await request.read(), ChatCompletionRequest)
-    spec = request.app["settings"].model(req.model)
+    spec = request.config_dict[SETTINGS].model(req.model)
     policy = principal.policy(req.model)
     if spec is None or not policy.model_allowed:
         raise ModelNotFound(f"The model '{req.model}' does not exist or you do not have access to it.", param="model")

@@ -9,6 +9,7 @@ from aiohttp import web
 from bus.errors import InvalidRequest, TollgateError, UsageServiceUnavailable
 from bus.protocol import UsageAnswer, UsageQuery
 from bus.subjects import USAGE_QUERY_SUBJECT
+from edge.state import AUTH, PUBLISHER
 
 _answer = msgspec.msgpack.Decoder(UsageAnswer).decode
 MAX_LIMIT = 10_000  # rows in one answer
@@ -30,7 +31,7 @@ def _query(request: web.Request, tenant: str | None) -> UsageQuery:
 
 async def _ask(request: web.Request, query: UsageQuery) -> web.Response:
     """Ask billing, which owns ClickHouse, over NATS request-reply."""
-    nc = request.app["publisher"].nc
+    nc = request.config_dict[PUBLISHER].nc
     try:
         reply = await nc.request(USAGE_QUERY_SUBJECT, msgspec.msgpack.encode(query), timeout=10)
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
@@ -43,11 +44,17 @@ async def _ask(request: web.Request, query: UsageQuery) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
+routes = web.RouteTableDef()
+# Mounted under /admin, behind the admin guard (edge.app).
+admin_routes = web.RouteTableDef()
+
+
+@routes.get("/v1/usage")
 async def tenant_usage(request: web.Request) -> web.Response:
-    principal = request.app["auth"].authenticate(request, "usage")
+    principal = request.config_dict[AUTH].authenticate(request, "usage")
     return await _ask(request, _query(request, principal.tenant.id))  # never another tenant's
 
 
+@admin_routes.get("/usage")
 async def admin_usage(request: web.Request) -> web.Response:
-    request.app["auth"].require_admin(request)
     return await _ask(request, _query(request, request.query.get("tenant")))

@@ -12,6 +12,7 @@ import msgspec
 from bus.envelopes import TICKET_HEADER, seal
 from bus.ids import new_request_id
 from bus.issuers import register_issuer
+from bus.liveness import announced
 from bus.protocol import ChatBody, ChatMessage, Envelope, Final, IssuerGrant, decode_envelope, decode_frame
 from bus.signing import SIGNATURE_HEADER, Identity
 from bus.subjects import PUBLISHERS_BUCKET, REQUESTS_STREAM, request_subject
@@ -60,8 +61,10 @@ async def test_only_trusted_timely_envelopes_run_and_are_metered(stack, nc, mete
 
     worker = Identity.load_or_create(worker_identity_path(stack.settings))
     publishers = await js.key_value(PUBLISHERS_BUCKET)
-    for alive in ("edge-bustest", "acme-service"):  # as a running edge and service announce themselves
-        await publishers.put(alive, b"")
+    # As a running edge and service announce themselves, for as long as the test runs.
+    announcements = contextlib.AsyncExitStack()
+    for alive in ("edge-bustest", "acme-service"):
+        await announcements.enter_async_context(announced(publishers, alive, b"", stack.settings.worker.liveness_s))
     replies = Replies()
     sub = await nc.subscribe("tg.reply.*.*", cb=replies.on_msg)
 
@@ -126,6 +129,7 @@ async def test_only_trusted_timely_envelopes_run_and_are_metered(stack, nc, mete
     rows = await usage_rows(clickhouse, [e.id for e in [*bad, valid, own_tenant]], expect=2)
     assert sorted(r["request_id"] for r in rows) == sorted([valid.id, own_tenant.id])
     await sub.unsubscribe()
+    await announcements.aclose()
 
 
 async def test_work_whose_publisher_is_gone_is_dead_lettered_unrun_and_unbilled(stack, nc, meter, clickhouse):
@@ -134,7 +138,8 @@ async def test_work_whose_publisher_is_gone_is_dead_lettered_unrun_and_unbilled(
     js = nc.jetstream()
     edge = Identity.load_or_create(Path(stack.settings.state_dir, "keys", "edge.seed"))
     publishers = await js.key_value(PUBLISHERS_BUCKET)
-    await publishers.put("edge-alive", b"")
+    announcement = announced(publishers, "edge-alive", b"", stack.settings.worker.liveness_s)
+    await announcement.__aenter__()
     replies = Replies()
     sub = await nc.subscribe("tg.reply.*.*", cb=replies.on_msg)
     orphans = [_envelope(edge, replies="edge-long-gone") for _ in range(3)]
@@ -154,4 +159,5 @@ async def test_work_whose_publisher_is_gone_is_dead_lettered_unrun_and_unbilled(
             reasons[decode_envelope(msg.data).id] = msg.headers["Tg-Reason"]
     await dead.unsubscribe()
     await sub.unsubscribe()
+    await announcement.__aexit__(None, None, None)
     assert all("publisher is gone" in reasons.get(e.id, "") for e in orphans), reasons
