@@ -146,12 +146,18 @@ class SentenceEmbeddings:
             jobs = [await self._queue.get()]
             waiting = len(jobs[0].rows)
             until = loop.time() + self._wait_s
-            while waiting < self._max_batch and (left := until - loop.time()) > 0:
+            while waiting < self._max_batch:
                 try:
-                    jobs.append(await asyncio.wait_for(self._queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-                waiting += len(jobs[-1].rows)
+                    job = self._queue.get_nowait()  # what queued up during the last pass joins at once
+                except asyncio.QueueEmpty:
+                    if (left := until - loop.time()) <= 0:
+                        break
+                    try:
+                        job = await asyncio.wait_for(self._queue.get(), left)
+                    except asyncio.TimeoutError:
+                        break
+                jobs.append(job)
+                waiting += len(job.rows)
             jobs = [job for job in jobs if not job.done.done()]  # their requests were cancelled
             try:
                 vectors = await self._run(jobs)
