@@ -45,6 +45,19 @@ class ChatBody(msgspec.Struct, tag="chat", frozen=True):
     stream: bool = True
 
 
+class CompletionBody(msgspec.Struct, tag="completions", frozen=True):
+    """A legacy text completion: the raw prompt is continued, no chat template applied."""
+
+    prompt: str
+    max_tokens: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    stop: list[str] = []
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
+    echo: bool = False  # the prompt comes back ahead of the completion
+    stream: bool = True
+
+
 TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 
 
@@ -57,7 +70,7 @@ class EmbeddingsBody(msgspec.Struct, tag="embeddings", frozen=True):
     dimensions: Annotated[int, Meta(ge=1, le=65_536)] | None = None
 
 
-RequestBody = Union[ChatBody, EmbeddingsBody]
+RequestBody = Union[ChatBody, EmbeddingsBody, CompletionBody]
 
 
 class BlobRef(msgspec.Struct, frozen=True):
@@ -266,6 +279,34 @@ class UsageTotals(msgspec.Struct, frozen=True):
 
 class UsageAnswer(msgspec.Struct, frozen=True):
     data: list[UsageTotals] = []
+    error: ErrorInfo | None = None
+
+
+# -- tokenizing (core NATS request-reply to a model's workers, tg.tokenize.<model>) --
+
+
+class TokenizeAsk(msgspec.Struct, tag="tokenize", frozen=True):
+    """Token ids of a raw ``prompt`` (as completions reads it) or of ``messages`` through the chat
+    template (as chat reads them); exactly one of the two is set."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+
+class DetokenizeAsk(msgspec.Struct, tag="detokenize", frozen=True):
+    """The text of token ids in the model's vocabulary."""
+
+    tokens: list[TokenId]
+
+
+TokenizerAsk = Union[TokenizeAsk, DetokenizeAsk]
+
+
+class TokenizeAnswer(msgspec.Struct, frozen=True):
+    """A worker's answer: ``tokens`` for a tokenize ask, ``text`` for a detokenize one, or the error."""
+
+    tokens: list[int] = []
+    text: str = ""
     error: ErrorInfo | None = None
 
 

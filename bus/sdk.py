@@ -90,7 +90,8 @@ class TollgateClient:
         lane = lane or self.lane
         async with self._submit(req, lane) as call:
             results = ChatResults(call.envelope, model, tier_of(lane, self.lane), include_usage)
-            yield results.opening()
+            for chunk in results.opening():
+                yield chunk
             async for frame in call.frames():
                 if frame.text:
                     yield results.delta(frame.text)

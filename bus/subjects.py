@@ -68,6 +68,11 @@ def reply_wildcard(edge_id: str) -> str:
     return f"tg.reply.{edge_id}.*"
 
 
+def tokenize_subject(model: str) -> str:
+    """Where ``model``'s workers answer tokenize and detokenize asks (core request-reply, one queue group)."""
+    return f"tg.tokenize.{token(model)}"
+
+
 def cancel_subject(request_id: str) -> str:
     return f"tg.cancel.{request_id}"
 

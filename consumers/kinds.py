@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 from bus.account.prices import Units
-from bus.protocol import ChatBody, EmbeddingsBody, EmbeddingsResult, encode
+from bus.protocol import ChatBody, CompletionBody, EmbeddingsBody, EmbeddingsResult, encode
 from consumers.backends.base import ChatResult
 
 SendText = Callable[[str], Awaitable[None]]
@@ -49,22 +49,36 @@ class Chat:
     name = "chat"
 
     async def execute(self, backend, body: ChatBody, cancel: asyncio.Event, send_text: SendText) -> Outcome:
-        result, first, held = ChatResult("cancelled", 0, 0), None, []
-        async for item in backend.chat(body, cancel):
-            if isinstance(item, ChatResult):
-                result = item
-                continue
-            first = first or time.time()
-            if body.stream:
-                await send_text(item)
-            else:
-                held.append(item)  # one final frame instead of a message per token
-        return Outcome(
-            finish_reason=result.finish_reason,
-            units=Units(input_tokens=result.prompt_tokens, output_tokens=result.completion_tokens),
-            input_units=result.prompt_tokens, output_units=result.completion_tokens, unit="tokens",
-            first_output_at=first, text="".join(held),
-        )
+        return await _generated(backend.chat(body, cancel), body.stream, send_text)
+
+
+class Completions:
+    """Legacy text completions: generated like chat, from the raw prompt."""
+
+    name = "completions"
+
+    async def execute(self, backend, body: CompletionBody, cancel: asyncio.Event, send_text: SendText) -> Outcome:
+        return await _generated(backend.complete(body, cancel), body.stream, send_text)
+
+
+async def _generated(items: AsyncIterator[str | ChatResult], stream: bool, send_text: SendText) -> Outcome:
+    """A text generation's outcome: pieces streamed as deltas (or held for the final frame), tokens billed."""
+    result, first, held = ChatResult("cancelled", 0, 0), None, []
+    async for item in items:
+        if isinstance(item, ChatResult):
+            result = item
+            continue
+        first = first or time.time()
+        if stream:
+            await send_text(item)
+        else:
+            held.append(item)  # one final frame instead of a message per token
+    return Outcome(
+        finish_reason=result.finish_reason,
+        units=Units(input_tokens=result.prompt_tokens, output_tokens=result.completion_tokens),
+        input_units=result.prompt_tokens, output_units=result.completion_tokens, unit="tokens",
+        first_output_at=first, text="".join(held),
+    )
 
 
 class Embeddings:
@@ -81,4 +95,4 @@ class Embeddings:
                        result=encode(EmbeddingsResult(embedded.vectors)))
 
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (Chat(), Embeddings())}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (Chat(), Completions(), Embeddings())}

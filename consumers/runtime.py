@@ -39,6 +39,7 @@ from bus.subjects import (
 from consumers.backends.base import Backend
 from consumers.kinds import KINDS, Outcome
 from consumers.lanes import LanePuller
+from consumers.tokenize_service import serve_tokenize
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class Worker:
         subs = [
             await self.nc.subscribe(CANCEL_WILDCARD, cb=self._on_cancel),
             await self.nc.subscribe(request_wildcard(self.model), cb=self._on_doorbell),
+            *await serve_tokenize(self.nc, self.model, self.backend),  # answered beside the work, never queued
         ]
         workers_kv = await self.js.key_value(WORKERS_BUCKET)
         self._puller = await LanePuller(self.nc, self.model, self.settings.worker.lane_weights).open()

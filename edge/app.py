@@ -18,7 +18,7 @@ from bus.signing import Identity
 from bus.subjects import INFLIGHT_BUCKET, KEYS_BUCKET, TENANTS_BUCKET
 from bus.account.tenant_store import TenancyStore, decode_key, decode_tenant
 from bus.watched import WatchedBucket
-from edge import admin as admin_api, billing_api, chat, embeddings, models, usage
+from edge import admin as admin_api, billing_api, chat, completions, embeddings, models, tokenize, usage
 from edge.admission import Gate
 from edge.auth import Authenticator
 from edge.errors import error_middleware
@@ -51,7 +51,7 @@ def create_app(settings: Settings) -> web.Application:
     """Build the edge application; it connects to NATS when it starts."""
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.edge.max_body_bytes)
     app[SETTINGS] = settings
-    for endpoint in (chat, embeddings, models, usage, billing_api):  # one route table per endpoint module
+    for endpoint in (chat, completions, embeddings, tokenize, models, usage, billing_api):  # one route table per endpoint module
         app.add_routes(endpoint.routes)
     app.router.add_get("/healthz", healthz)
     admin = web.Application(middlewares=[admin_only])

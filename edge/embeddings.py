@@ -17,7 +17,7 @@ from bus.openai.embeddings import EmbeddingsRequest, charge, response, to_body
 from bus.openai.service_tier import lane_for
 from bus.publisher import Call, Publisher
 from edge.admission import Gate
-from edge.chat import REQUEST_ID_HEADER
+from edge.replies import REQUEST_ID_HEADER
 from edge.state import AUTH, GATE, PUBLISHER, SETTINGS
 
 _encode = msgspec.json.Encoder().encode

@@ -111,6 +111,11 @@ class ChatCompletionChunkWithUsage(ChatCompletionChunk):
     usage: CompletionUsage | None = None
 
 
+def chat_messages(messages: list[Message]) -> list[ChatMessage]:
+    """The bus form of OpenAI messages: text only (a 400 naming the part otherwise)."""
+    return [ChatMessage(m.role, _text(m, i)) for i, m in enumerate(messages)]
+
+
 def _text(message: Message, index: int) -> str:
     if message.content is None:
         return ""
@@ -142,7 +147,7 @@ def to_body(req: ChatCompletionRequest, spec: ModelSpec | None) -> ChatBody:
         raise InvalidRequest(f"max_tokens is {max_tokens}, more than this model's context of "
                              f"{spec.context_tokens} tokens.", param="max_tokens", code="context_length_exceeded")
     return ChatBody(
-        messages=[ChatMessage(m.role, _text(m, i)) for i, m in enumerate(req.messages)],
+        messages=chat_messages(req.messages),
         max_tokens=max_tokens,
         temperature=spec.temperature if req.temperature is None and spec else req.temperature,
         top_p=spec.top_p if req.top_p is None and spec else req.top_p,
@@ -193,8 +198,9 @@ class ChatResults:
     def chunk(self, choices: list[ChunkChoice], **extra) -> ChatCompletionChunk:
         return self._chunk(self.id, self.created, self.model, choices, self.tier, **extra)
 
-    def opening(self) -> ChatCompletionChunk:
-        return self.chunk([ChunkChoice(ChunkDelta(role="assistant", content=""))])
+    def opening(self) -> list[ChatCompletionChunk]:
+        """The chunks that open a stream, before any text: the assistant's role."""
+        return [self.chunk([ChunkChoice(ChunkDelta(role="assistant", content=""))])]
 
     def delta(self, text: str) -> ChatCompletionChunk:
         return self.chunk([ChunkChoice(ChunkDelta(content=text))])

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Protocol, runtime_checkable
 
-from bus.protocol import ChatBody, EmbeddingsBody
+from bus.protocol import ChatBody, ChatMessage, CompletionBody, EmbeddingsBody
 
 
 @dataclass(frozen=True)
 class ChatResult:
-    """The last item a chat backend yields: why it stopped and the exact token counts."""
+    """The last item a chat or completions backend yields: why it stopped and the exact token counts."""
 
     finish_reason: str  # stop | length | cancelled
     prompt_tokens: int
@@ -41,6 +41,31 @@ class ChatBackend(Backend, Protocol):
 
         Must stop promptly once ``cancel`` is set, and must never block the event loop.
         """
+        ...
+
+
+class CompletionsBackend(Backend, Protocol):
+    """Continues raw text prompts for one loaded model."""
+
+    def complete(self, body: CompletionBody, cancel: asyncio.Event) -> AsyncIterator[str | ChatResult]:
+        """Like ``ChatBackend.chat`` for ``body.prompt`` as it is, no chat template; the prompt first with ``echo``."""
+        ...
+
+
+@runtime_checkable
+class Tokenizing(Protocol):
+    """A backend whose tokenizer answers tokenize and detokenize asks (``consumers.tokenize_service``)."""
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The ids a completion of ``prompt`` starts from."""
+        ...
+
+    def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """The ids a chat completion of ``messages`` starts from (the chat template applied)."""
+        ...
+
+    def text_of(self, ids: list[int]) -> str:
+        """The text of ``ids``."""
         ...
 
 

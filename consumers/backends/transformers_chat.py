@@ -1,4 +1,4 @@
-"""Chat completions with a transformers causal LM, generated in a thread and streamed token by token."""
+"""Chat and text completions with a transformers causal LM, generated in a thread and streamed token by token."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from transformers.generation.streamers import BaseStreamer
 
 from bus.errors import InvalidRequest
-from bus.protocol import ChatBody
+from bus.protocol import ChatBody, ChatMessage, CompletionBody
 from consumers.backends.base import ChatResult
 
 
@@ -42,9 +42,9 @@ class _StopWhen(StoppingCriteria):
 
 
 class TransformersChat:
-    """A loaded causal LM and its tokenizer with a chat template."""
+    """A loaded causal LM and its tokenizer with a chat template: chat, raw-prompt completions, tokenizing."""
 
-    kinds = frozenset({"chat"})
+    kinds = frozenset({"chat", "completions"})
 
     def __init__(self, path: str):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -56,22 +56,53 @@ class TransformersChat:
         # One generation at a time per process: torch already uses every core for one.
         self._lock = asyncio.Lock()
 
-    def _prompt_ids(self, body: ChatBody) -> list[int]:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """The prompt ids chat generates from: ``messages`` through the chat template."""
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
+        encoded = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt ids completions generate from: the raw text, with the tokenizer's own special tokens."""
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def text_of(self, ids: list[int]) -> str:
+        """The text of ``ids``, special tokens included (what was tokenized comes back as it was)."""
+        if any(i >= len(self.tokenizer) for i in ids):  # decode() would drop them without a word
+            raise InvalidRequest("tokens holds an id outside this model's vocabulary.", param="tokens")
+        return self.tokenizer.decode(ids)
+
     async def chat(self, body: ChatBody, cancel: asyncio.Event) -> AsyncIterator[str | ChatResult]:
-        prompt = self._prompt_ids(body)
+        """Generate the assistant's reply to ``body.messages``."""
+        prompt = self.chat_ids(body.messages)
+        max_new = self._room(prompt, body.max_tokens, "messages")
+        async for item in self._generate(prompt, max_new, body, cancel):
+            yield item
+
+    async def complete(self, body: CompletionBody, cancel: asyncio.Event) -> AsyncIterator[str | ChatResult]:
+        """Continue ``body.prompt`` as raw text; with ``echo`` the prompt comes first."""
+        prompt = self.prompt_ids(body.prompt)
+        max_new = self._room(prompt, body.max_tokens, "prompt")  # before the echo: a refusal keeps its 400
+        if body.echo:
+            yield body.prompt
+        async for item in self._generate(prompt, max_new, body, cancel):
+            yield item
+
+    def _room(self, prompt: list[int], max_tokens: int | None, param: str) -> int:
+        """How many tokens may be generated after ``prompt``, or the 400 saying it does not fit."""
         room = self.context_length - len(prompt)
-        if room <= 0 or (body.max_tokens or 0) > room:
+        if room <= 0 or (max_tokens or 0) > room:
             raise InvalidRequest(
-                f"This model's maximum context length is {self.context_length} tokens; the messages take "
-                f"{len(prompt)} and max_tokens asks for {body.max_tokens or 0} more.",
-                param="messages",
+                f"This model's maximum context length is {self.context_length} tokens; the {param} take "
+                f"{len(prompt)} and max_tokens asks for {max_tokens or 0} more.",
+                param=param,
                 code="context_length_exceeded",
             )
-        max_new = body.max_tokens or room
+        return max_tokens or room
+
+    async def _generate(self, prompt: list[int], max_new: int, body: ChatBody | CompletionBody,
+                        cancel: asyncio.Event) -> AsyncIterator[str | ChatResult]:
+        """Sample up to ``max_new`` tokens after ``prompt`` with ``body``'s sampling and stop strings."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop_now = threading.Event()

@@ -40,6 +40,7 @@ from bus.subjects import (
     request_subject,
     request_wildcard,
     token,
+    tokenize_subject,
     work_consumer,
 )
 
@@ -122,7 +123,7 @@ def permissions(role: str) -> dict:
     if role == "admin":
         return {"publish": [">"], "subscribe": [">"]}
     if role == "edge":
-        pub = ["tg.req.>", "tg.cancel.>", "tg.rl.>", USAGE_QUERY_SUBJECT, *_kv_write(CANCELLED_BUCKET), *_kv_write(INFLIGHT_BUCKET),
+        pub = ["tg.req.>", "tg.cancel.>", "tg.rl.>", USAGE_QUERY_SUBJECT, "tg.tokenize.*", *_kv_write(CANCELLED_BUCKET), *_kv_write(INFLIGHT_BUCKET),
                *_kv_write(TENANTS_BUCKET), *_kv_write(KEYS_BUCKET), *_kv_read(WORKERS_BUCKET), *_kv_read(ISSUERS_BUCKET),
                *_kv_write(PUBLISHERS_BUCKET),  # announces itself: workers drop a dead edge's work
                # credit holds and their ends, ledger entries from the admin API under ids claimed per
@@ -143,8 +144,9 @@ def permissions(role: str) -> dict:
                *_kv_read(ISSUERS_BUCKET), *_kv_read(CANCELLED_BUCKET),
                # large bodies it reads (their digests are signed in the envelope), large results it writes
                *_blob_read(REQUEST_BLOBS_BUCKET), *_blob_write(RESULT_BLOBS_BUCKET)]
-        # Its model's doorbell and every cancel; never publish work.
-        sub = [request_wildcard(model), "tg.cancel.*"]
+        # Its model's doorbell, its model's tokenize asks (answered: allow_responses) and every cancel;
+        # never publish work.
+        sub = [request_wildcard(model), tokenize_subject(model), "tg.cancel.*"]
     elif role == "billing":
         # Deleting its consumer is only for moving an older meter's consumer to explicit acks.
         pub = [*_consume(USAGE_STREAM), f"$JS.API.CONSUMER.DELETE.{USAGE_STREAM}.{METER_CONSUMER}",
@@ -163,7 +165,7 @@ def permissions(role: str) -> dict:
     else:
         raise ValueError(f"unknown role {role!r}")
     allowed = {"publish": common_pub + pub, "subscribe": sub + [f"{inbox(_user(role))}.>"]}
-    if role == "billing":
+    if role == "billing" or role.startswith("worker:"):
         allowed["allow_responses"] = True
     return allowed
 
