@@ -39,6 +39,6 @@ def wait_serving(port: int, models: list[str], timeout: float) -> None:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
                 if all(json.load(resp)["models"].get(m) for m in models):
                     return
-        except OSError:
+        except (OSError, ValueError):  # not up yet, or a half-started edge's answer
             pass
         time.sleep(0.1)
