@@ -84,7 +84,7 @@ def create_app(settings: Settings) -> web.Application:
         app[TENANCY] = await TenancyStore.open(js, set(settings.tiers))
         app[QUOTA] = quota = QuotaGate(js)
         await quota.start()
-        app[GATE] = gate = Gate(settings, limiter, quota)
+        app[GATE] = gate = Gate(settings, limiter, quota, publisher)
         app[BUDGETS] = await BudgetStore.open(js)
         yield
         await gate.stop()

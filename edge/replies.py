@@ -43,14 +43,14 @@ class Results(Protocol):
 
 
 @contextlib.asynccontextmanager
-async def published(publisher: Publisher, gate: Gate, admitted: Admitted, *, principal: str, model: str, lane: str,
-                    kind: str, body: RequestBody) -> AsyncIterator[Call]:
+async def published(publisher: Publisher, gate: Gate, admitted: Admitted, *, kind: str,
+                    body: RequestBody) -> AsyncIterator[Call]:
     """Publish an admitted request and yield its call; however it ends, release what admission took."""
     call: Call | None = None
     queued = True  # unknown counts as queued: then billing settles or sweeps the hold, never twice
     try:
         async with publisher.submit(
-            tenant=admitted.tenant, principal=principal, model=model, lane=lane, kind=kind,
+            tenant=admitted.tenant, principal=admitted.principal, model=admitted.model, lane=admitted.lane, kind=kind,
             body=body, request_id=admitted.request_id, hold_micros=admitted.hold,
         ) as call:
             yield call

@@ -9,15 +9,12 @@ hard budget that is spent refuses it too.
 
 from __future__ import annotations
 
-import time
-
 import msgspec
 import nats.errors
 from aiohttp import web
 
 from bus.account.prices import Charge, Units
-from bus.errors import ModelNotFound, NoCapacity, TollgateError
-from bus.ids import new_request_id
+from bus.errors import NoCapacity, TollgateError
 from bus.openai.decoding import decode_json as decode_body
 from bus.openai.service_tier import lane_for
 from bus.openai.tokenize import (
@@ -59,16 +56,10 @@ async def _ask(request: web.Request, principal: Principal, model: str, ask: Toke
     """Admit (no tokens charged) and ask a worker of ``model``; its error is raised."""
     publisher = request.config_dict[PUBLISHER]
     gate = request.config_dict[GATE]
-    spec = request.config_dict[SETTINGS].model(model)
-    policy = principal.policy(model)
-    if spec is None or not policy.model_allowed:
-        raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.", param="model")
+    spec, policy = gate.model_for(principal, model)
     check_model(model, spec)
-    publisher.check_serving(model)  # before admission: a 503 costs the caller no quota
-    admitted = await gate.admit(
-        request_id=new_request_id(), tenant=principal.tenant.id, key=principal.key.id, policy=policy, spec=spec,
-        lane=lane_for(None, policy), charge=_FREE, deadline=time.time() + ASK_TIMEOUT_S,
-    )
+    admitted = await gate.admit(principal=principal, model=model, spec=spec, policy=policy,
+                                lane=lane_for(None, policy), charge=_FREE, deadline_s=ASK_TIMEOUT_S)
     try:
         reply = await publisher.nc.request(tokenize_subject(model), msgspec.msgpack.encode(ask), timeout=ASK_TIMEOUT_S)
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError):

@@ -33,7 +33,7 @@ from bus.settings import NatsSettings, load_settings
 from bus.signing import Identity
 from bus.account.tenant_store import TenancyStore
 from edge.app import edge_identity_path
-from infra.bootstrap import DEFAULT_TENANT, Bootstrapped, bootstrap, trust
+from infra.bootstrap import Bootstrapped, bootstrap, trust
 from infra.children import stop_all
 from infra.nats import roles
 from infra.nats_launcher import NatsServer, free_port

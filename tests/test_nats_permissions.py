@@ -16,7 +16,8 @@ from bus.subjects import (
 from bus.account.tenants import key_id_of
 from infra import supervisor
 from infra.nats.roles import worker_role
-from tests.conftest import CHAT_MODEL, DEFAULT_TENANT
+from infra.bootstrap import DEFAULT_TENANT
+from tests.conftest import CHAT_MODEL
 
 # A model no worker serves in the suite: work queued for it stays put unless a worker steals it.
 OTHER_MODEL = "not-served-here"
