@@ -150,6 +150,16 @@ async def test_many_vectors_come_back_through_the_result_store(client):
     assert [d.index for d in reply.data] == list(range(400)) and len(reply.data[399].embedding) == 384
 
 
+async def test_a_request_over_a_mebibyte_travels_through_the_object_store(client, clickhouse):
+    """Past one NATS message (and nats-server's default 1 MiB): the body goes by blob reference."""
+    long_text = "A man is eating food. " * 800  # ~17 KiB each: 64 of them make ~1.1 MiB
+    reply = await client.embeddings.with_raw_response.create(model=EMBED_MODEL, input=[long_text] * 64)
+    data = reply.parse().data
+    assert len(data) == 64 and data[0].embedding == data[63].embedding
+    [row] = await usage_rows(clickhouse, [reply.headers["x-request-id"]], expect=1)
+    assert row["status"] == "ok" and row["input_units"] == 64 * 256, "each input read to the model's 256 tokens"
+
+
 async def test_concurrent_requests_share_forward_passes(stack):
     """The backend itself, on the real weights: 32 concurrent one-input requests take a few passes, not 32."""
     spec = stack.settings.model(EMBED_MODEL)
