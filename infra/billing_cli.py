@@ -45,7 +45,7 @@ def _cmd_budgets_set(settings, args, on_bus) -> int:
         from bus.account.tenant_store import TenancyStore
 
         await (await TenancyStore.open(js, set(settings.tiers))).get_tenant(args.tenant)
-        return budget_view(await (await BudgetStore.open(js)).put(budget))
+        return budget_view(await (await BudgetStore.open(js)).put(budget, settings.meter.webhook_allow))
 
     return on_bus(settings, go)
 
