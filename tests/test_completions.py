@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 
 import aiohttp
-import openai
 import pytest
 
 from bus.account import credits
-from bus.account.tenants import Tenant
 from bus.openai.completions import charge
 from bus.protocol import CompletionBody
-from tests.conftest import CHAT_INPUT_PRICE, CHAT_MODEL, CHAT_OUTPUT_PRICE, admin, eventually, usage_rows
+from tests.conftest import CHAT_INPUT_PRICE, CHAT_MODEL, CHAT_OUTPUT_PRICE, eventually, usage_rows
+from tests.test_credits import _grant, _prepaid_tenant
 
 PROMPT = "The capital of France is"
 
@@ -94,18 +93,10 @@ async def test_bad_requests_are_400s_naming_the_field(stack, meter, params, para
 
 async def test_a_prepaid_tenant_is_held_and_settled(stack, nc, meter, clickhouse):
     tenant = "prepaid-completions"
-
-    async def make(store):
-        await store.create_tenant(Tenant(id=tenant, tier="enterprise", prepaid=True))
-        return (await store.create_key(tenant, name="prepaid"))[1]
-
-    key = await stack.tenancy(make)
-    status, entry = await admin(stack, "POST", f"/admin/tenants/{tenant}/credits",
-                                json={"amount_micros": 100_000, "kind": "topup"})
-    assert status == 202, entry
-    await eventually(lambda: _available_is(nc, tenant, 100_000))
+    key = await _prepaid_tenant(stack, tenant)  # known to the edge once this returns
+    await _grant(stack, nc, tenant, 100_000)
     client = stack.client(api_key=key)
-    reply = await eventually(lambda: _complete_once_known(client))
+    reply = await client.completions.create(model=CHAT_MODEL, prompt=PROMPT, max_tokens=5, temperature=0)
     lane = "high"  # the enterprise tier's default lane
     body = CompletionBody(PROMPT, max_tokens=5)
     held = stack.settings.model(CHAT_MODEL).prices.cost(charge(body).max_units, stack.settings.lane_multipliers[lane])
@@ -120,10 +111,3 @@ async def test_a_prepaid_tenant_is_held_and_settled(stack, nc, meter, clickhouse
 async def _available_is(nc, tenant: str, amount: int) -> bool:
     return await credits.available(nc.jetstream(), tenant) == amount
 
-
-async def _complete_once_known(client):
-    """A completion as soon as the edge's mirror knows the new key (None until then)."""
-    try:
-        return await client.completions.create(model=CHAT_MODEL, prompt=PROMPT, max_tokens=5, temperature=0)
-    except openai.AuthenticationError:
-        return None

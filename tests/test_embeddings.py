@@ -11,12 +11,12 @@ import openai
 import pytest
 
 from bus.account import credits
-from bus.account.tenants import Tenant
 from bus.openai.embeddings import charge
 from bus.protocol import EmbeddingsBody
 from consumers.models import resolve
 from consumers.serve import load_backend
-from tests.conftest import CHAT_MODEL, EMBED_INPUT_PRICE, EMBED_MODEL, admin, eventually, usage_rows
+from tests.conftest import CHAT_MODEL, EMBED_INPUT_PRICE, EMBED_MODEL, eventually, usage_rows
+from tests.test_credits import _grant, _prepaid_tenant
 
 FOOD, BREAD, STOCKS = "A man is eating food.", "A man is eating a piece of bread.", "The stock market fell today."
 
@@ -82,18 +82,10 @@ async def test_usage_row_counts_prompt_tokens_at_the_input_token_price(client, c
 
 async def test_a_prepaid_tenant_is_held_and_settled(stack, nc, meter, clickhouse):
     tenant = "prepaid-embeddings"
-
-    async def make(store):
-        await store.create_tenant(Tenant(id=tenant, tier="enterprise", prepaid=True))
-        return (await store.create_key(tenant, name="prepaid"))[1]
-
-    key = await stack.tenancy(make)
-    status, entry = await admin(stack, "POST", f"/admin/tenants/{tenant}/credits",
-                                json={"amount_micros": 100_000, "kind": "topup"})
-    assert status == 202, entry
-    await eventually(lambda: _available_is(nc, tenant, 100_000))
+    key = await _prepaid_tenant(stack, tenant)  # known to the edge once this returns
+    await _grant(stack, nc, tenant, 100_000)
     client = stack.client(api_key=key)
-    reply = await eventually(lambda: _embed_once_known(client))
+    reply = await client.embeddings.create(model=EMBED_MODEL, input=FOOD)
     spec, lane = stack.settings.model(EMBED_MODEL), "high"  # the enterprise tier's default lane
     held = spec.prices.cost(charge(EmbeddingsBody([FOOD])).max_units, stack.settings.lane_multipliers[lane])
     [(hold, cost)] = await eventually(lambda: clickhouse.query(
@@ -105,13 +97,6 @@ async def test_a_prepaid_tenant_is_held_and_settled(stack, nc, meter, clickhouse
 async def _available_is(nc, tenant: str, amount: int) -> bool:
     return await credits.available(nc.jetstream(), tenant) == amount
 
-
-async def _embed_once_known(client):
-    """An embedding as soon as the edge's mirror knows the new key (None until then)."""
-    try:
-        return await client.embeddings.create(model=EMBED_MODEL, input=FOOD)
-    except openai.AuthenticationError:
-        return None
 
 
 @pytest.mark.parametrize("params, param", [
