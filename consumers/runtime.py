@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 # How long an idle worker waits before scanning every lane without a doorbell:
 # only redeliveries (which publish nothing) need this.
 _IDLE_POLL_S = 1.0
+# Cancels remembered for requests still queued; a flood of cancels cannot grow the worker without bound.
+_MAX_REMEMBERED_CANCELS = 100_000
 
 
 class _Replies:
@@ -127,7 +129,9 @@ class Worker:
         now = time.time()
         self._cancelled_ids[request_id] = now
         horizon = now - self.settings.max_deadline_s
-        while next(iter(self._cancelled_ids.values())) < horizon:
+        remembered = self._cancelled_ids
+        while next(iter(remembered.values())) < horizon or len(remembered) > _MAX_REMEMBERED_CANCELS:
+            # Past the bound the oldest are forgotten: a redelivery is still checked in tg_cancelled.
             self._cancelled_ids.popitem(last=False)
 
     async def _dispatch(self) -> None:
