@@ -57,11 +57,7 @@ class HoldSweeper(Batches):
         for msg, notice in notices:
             if notice.request_id in metered:
                 self._watermark.forget(notice.request_id)
-                cost, late = metered[notice.request_id]
-                if late:  # stored past the settle window: the meter left it to this notice's amount
-                    await credits.settle(self._js, notice.tenant, notice.request_id, notice.hold_micros,
-                                         min(cost, notice.hold_micros))
-                await msg.ack()
+                await self._close(msg, notice, metered)
                 continue
             wait = notice.deadline + self.grace_s - now
             if wait > 0:
@@ -71,19 +67,34 @@ class HoldSweeper(Batches):
             else:
                 due.append((msg, notice))
         # Looked up once more: the usage may have been stored since the first look.
-        metered = await self._metered([n.request_id for _, n in due]) if due else set()
+        metered = await self._metered([n.request_id for _, n in due]) if due else {}
         for msg, notice in due:
-            if notice.request_id not in metered:
-                await credits.settle(self._js, notice.tenant, notice.request_id, notice.hold_micros, 0)
-                log.info("released the hold of %s: it ended without usage", notice.request_id)
-            await msg.ack()
+            await self._close(msg, notice, metered)
+
+    async def _close(self, msg: Msg, notice: HoldNotice, metered: dict[str, tuple[int, bool]]) -> None:
+        """Settle what the meter did not, then let the notice go.
+
+        Usage stored in time was settled by the meter; usage stored late (past the counter's
+        dedupe window) is settled here, once, for the recorded hold; no usage at all, once the
+        watermark has passed, means the whole hold goes back.
+        """
+        if notice.request_id not in metered:
+            await credits.settle(self._js, notice.tenant, notice.request_id, notice.hold_micros, 0)
+            log.info("released the hold of %s: it ended without usage", notice.request_id)
+        else:
+            cost, late = metered[notice.request_id]
+            if late:
+                await credits.settle(self._js, notice.tenant, notice.request_id, notice.hold_micros,
+                                     min(cost, notice.hold_micros))
+        await msg.ack()
 
     async def _metered(self, request_ids: list[str]) -> dict[str, tuple[int, bool]]:
         """The stored requests among ``request_ids``: their cost, and whether they were stored too late
         for the meter to settle them (``credits.settle_window_s`` after they were queued)."""
         rows = await self.ch.query(
             "SELECT request_id, any(cost_micros), "
-            "min(dateDiff('second', queued_at, inserted_at)) >= {window:Float64} "
+            # The meter's own test, on the ``inserted_at`` it stamped: exactly one of the two settles.
+            "min(toUnixTimestamp64Micro(inserted_at) - toUnixTimestamp64Micro(queued_at)) >= {window:Float64} * 1e6 "
             "FROM usage_events WHERE request_id IN {ids:Array(String)} GROUP BY request_id",
             {"ids": request_ids, "window": self._settle_window_s})
         return {request_id: (cost, bool(late)) for request_id, cost, late in rows}

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 COLUMNS = UsageEvent.__struct_fields__  # the table's columns are the event's fields, in order
 _TIME_COLUMNS = [i for i, name in enumerate(COLUMNS) if name.endswith("_at")]
+# Stamped by the meter, once a batch, so the meter and the sweeper judge "stored late" alike.
+_INSERT_COLUMNS = (*COLUMNS, "inserted_at")
 
 
 def columns(events: list[UsageEvent]) -> list[list]:
@@ -107,9 +109,15 @@ class Meter(Batches):
         A report that fails its checks is dead-lettered, never inserted. ``retry``: the
         batch was handled before and may be stored already, so every id is looked up.
         """
+        if not retry:
+            self._failures = 0  # a new batch: its tries are counted afresh
         events: dict[str, UsageEvent] = {}
         by_id: dict[str, list[Msg]] = {}
         redelivered: list[UsageEvent] = []
+        now = time.time()
+        # A first delivery is looked up too if its request is older than the USAGE dedupe
+        # window: the stream would no longer drop a copy published again.
+        dedupe_after = now - 2 * self.settings.max_deadline_s + 60
         for msg in msgs:
             try:
                 event = open_usage(msg.data, msg.headers, self._issuers.get, self.settings.max_deadline_s)
@@ -119,55 +127,66 @@ class Meter(Batches):
             events.setdefault(event.request_id, event)
             by_id.setdefault(event.request_id, []).append(msg)
             delivered, seq = delivery(msg)
-            if retry or delivered > 1 or seq <= self._recheck_through:
+            if retry or delivered > 1 or seq <= self._recheck_through or event.queued_at < dedupe_after:
                 redelivered.append(event)
         if not events:
             return []
-        # Only a redelivered event can be stored already: the stream itself drops a republished
-        # one (same Nats-Msg-Id) inside its dedupe window, so first deliveries skip the lookup.
-        known = set()
+        # Only those can be stored already: inside its dedupe window the stream itself drops a
+        # republished event (same Nats-Msg-Id), so other first deliveries skip the lookup.
+        inserted_at: dict[str, float] = {}
         if redelivered:
             stored = await self.ch.query(
-                "SELECT request_id FROM usage_events WHERE tenant IN {tenants:Array(String)} "
-                "AND request_id IN {ids:Array(String)}",
+                "SELECT request_id, toUnixTimestamp64Micro(inserted_at) FROM usage_events "
+                "WHERE tenant IN {tenants:Array(String)} AND request_id IN {ids:Array(String)}",
                 {"tenants": sorted({e.tenant for e in redelivered}), "ids": [e.request_id for e in redelivered]},
             )
-            known = {request_id for (request_id,) in stored}
-        new = [e for request_id, e in events.items() if request_id not in known]
+            inserted_at = {request_id: micros / 1e6 for request_id, micros in stored}
+        new = [e for request_id, e in events.items() if request_id not in inserted_at]
         if new:
-            new = await self._insert(new, by_id)
-        # Settled for stored and new alike: a redelivered batch may have died before settling.
-        # Past the counter's dedupe window a settlement could count twice: those are left to
-        # billing's sweeper, which settles a stored request's hold once, from its notice.
-        fresh_after = time.time() - credits.settle_window_s(self.settings)
+            new = await self._insert(new, by_id, now)
+            inserted_at.update((e.request_id, now) for e in new)
+        # Settled for stored and new alike (a redelivered batch may have died before settling), but
+        # only if stored inside the counter's dedupe window after the request was queued: past it a
+        # settlement could count twice, and billing's sweeper settles it once, from its hold notice,
+        # by the same test on the same stored ``inserted_at``.
+        window = credits.settle_window_s(self.settings)
         await asyncio.gather(*(
             credits.settle(self._js, e.tenant, e.request_id, e.hold_micros, e.cost_micros)
-            for e in events.values() if e.hold_micros > 0 and e.queued_at > fresh_after and e.request_id in by_id
+            for e in events.values()
+            if e.hold_micros > 0 and e.request_id in inserted_at and inserted_at[e.request_id] - e.queued_at < window
         ))
         if new and self._on_stored is not None:
             self._on_stored({e.tenant for e in new})
         return [msg for request_id in events if request_id in by_id for msg in by_id[request_id]]
 
-    async def _insert(self, new: list[UsageEvent], by_id: dict[str, list[Msg]]) -> list[UsageEvent]:
-        """Insert ``new``; after ``store_attempts`` failed tries, one by one, dead-lettering what still fails.
+    async def _insert(self, new: list[UsageEvent], by_id: dict[str, list[Msg]], now: float) -> list[UsageEvent]:
+        """Insert ``new`` stamped ``now``; after ``store_attempts`` failed tries of this batch, one by one.
 
-        Returns what was stored; the messages of dead-lettered events leave ``by_id``.
+        One by one, an event ClickHouse refuses while others of the batch go in is dead-lettered
+        (its messages leave ``by_id``); if none goes in, ClickHouse is refusing everything — an
+        outage, not a bad event — and the batch is tried again later, dead-lettering nothing.
+        Returns what was stored.
         """
+        stamp = [round(now * 1_000_000)]
         try:
-            await self.ch.insert_columns("usage_events", columns(new), COLUMNS)
+            await self.ch.insert_columns("usage_events", [*columns(new), stamp * len(new)], _INSERT_COLUMNS)
             return new
         except Exception:
             self._failures += 1
             if self._failures < self.settings.meter.store_attempts:
                 raise
-        stored = []
+        stored, refused = [], []
         for event in new:
             try:
-                await self.ch.insert_columns("usage_events", columns([event]), COLUMNS)
+                await self.ch.insert_columns("usage_events", [*columns([event]), stamp], _INSERT_COLUMNS)
                 stored.append(event)
             except Exception as exc:
-                for msg in by_id.pop(event.request_id):
-                    await dead_letter(self._js, msg, "usage", f"ClickHouse refused it: {exc}")
+                refused.append((event, exc))
+        if not stored and len(new) > 1:
+            raise RuntimeError(f"ClickHouse refused every one of {len(new)} events: {refused[0][1]}")
+        for event, exc in refused:
+            for msg in by_id.pop(event.request_id):
+                await dead_letter(self._js, msg, "usage", f"ClickHouse refused it: {exc}")
         return stored
 
     async def handle(self, msgs: list[Msg], retry: bool = False) -> None:

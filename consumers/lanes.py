@@ -51,8 +51,9 @@ class LanePuller:
                 await self._sub.unsubscribe()
 
     def ring(self, lane: str) -> None:
-        """Note that ``lane`` may have work."""
-        self._maybe.add(lane)
+        """Note that ``lane`` may have work (a subject's lane token, so only a known lane counts)."""
+        if lane in self._targets:
+            self._maybe.add(lane)
 
     def rescan(self) -> None:
         self._maybe = set(LANES)

@@ -140,7 +140,12 @@ class Worker:
         running: set[asyncio.Task] = set()
         while not self._stopping:
             await slots.acquire()
-            msg = await self._next()
+            try:
+                msg = await self._next()
+            except Exception:  # the bus is away: nats-py reconnects; the dispatcher must live on
+                log.exception("pulling work failed; trying again")
+                msg = None
+                await asyncio.sleep(_IDLE_POLL_S)
             if msg is None:
                 slots.release()
                 continue
@@ -189,8 +194,12 @@ class Worker:
             await msg.term()
             return
         except Exception:
-            log.exception("terminated undecodable work message")
-            await msg.term()
+            # Not the message's fault (a bus call timed out while a leader moved, say): it is
+            # redelivered, up to max_deliver times, rather than dropped unrun.
+            log.exception("could not check work message %s yet; it will be redelivered",
+                          (msg.headers or {}).get(MSG_ID_HEADER))
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=_IDLE_POLL_S)
             return
         usage = await self._run(envelope, msg)
         await self._meter(usage, envelope, msg)

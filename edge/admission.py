@@ -98,9 +98,10 @@ class Gate:
         self._undoing.add(undo)
         undo.add_done_callback(self._undoing.discard)
 
-    async def release(self, admitted: Admitted, *, published: bool, used_tokens: int = 0) -> None:
-        """Give back what ``admitted`` took: slots and unused tokens always; the hold too if the
-        request was never published (a published one is settled by billing from its usage)."""
+    async def release(self, admitted: Admitted, *, published: bool, used_tokens: int | None = 0) -> None:
+        """Give back what ``admitted`` took: slots always; the token estimate corrected to
+        ``used_tokens`` (kept as charged when None: unknown); the hold too if the request was
+        never published (a published one is settled by billing from its usage)."""
         self._limiter.finish_soon(admitted.limits, used_tokens)
         if admitted.hold and not published:
             await self._quota.release(admitted.tenant, admitted.request_id, admitted.hold)

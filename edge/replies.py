@@ -65,10 +65,15 @@ async def published(publisher: Publisher, gate: Gate, admitted: Admitted, *, kin
         raise
     finally:
         used = call.final.usage if call and call.final else None
-        # Without a final frame the tokens used are unknown: the estimate is given back. A request
-        # refused before it was queued (no worker left, lane full) gets its hold back at once.
-        release = gate.release(admitted, published=queued,
-                               used_tokens=used.prompt_tokens + used.completion_tokens if used else 0)
+        # A request refused before it was queued (no worker left, lane full) gets its tokens and
+        # hold back at once. One that ran without a final frame (its client left mid-stream, say)
+        # keeps its token estimate charged: refunding it would let a client that disconnects just
+        # before the end read past its tokens-per-minute limit.
+        if used is not None:
+            used_tokens = used.prompt_tokens + used.completion_tokens
+        else:
+            used_tokens = None if queued else 0
+        release = gate.release(admitted, published=queued, used_tokens=used_tokens)
         await asyncio.shield(release)
 
 

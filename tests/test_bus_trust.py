@@ -15,7 +15,7 @@ from bus.issuers import register_issuer
 from bus.liveness import announced
 from bus.protocol import ChatBody, ChatMessage, Envelope, Final, IssuerGrant, decode_envelope, decode_frame
 from bus.signing import SIGNATURE_HEADER, Identity
-from bus.subjects import PUBLISHERS_BUCKET, REQUESTS_STREAM, request_subject
+from bus.subjects import PUBLISHERS_BUCKET, REQUESTS_STREAM, request_subject, token
 from consumers.serve import worker_identity_path
 from tests.conftest import CHAT_MODEL, eventually, usage_rows
 
@@ -161,3 +161,14 @@ async def test_work_whose_publisher_is_gone_is_dead_lettered_unrun_and_unbilled(
     await sub.unsubscribe()
     await announcement.__aexit__(None, None, None)
     assert all("publisher is gone" in reasons.get(e.id, "") for e in orphans), reasons
+
+
+async def test_a_publish_on_an_unknown_lane_does_not_stop_the_worker(stack, nc, client):
+    """Every worker of the model hears it on its doorbell; a made-up lane once killed their dispatchers."""
+    subject = f"tg.req.bogus.{token(CHAT_MODEL)}"
+    await nc.publish(subject, b"")
+    await nc.flush()
+    await nc.jetstream().purge_stream(REQUESTS_STREAM, subject=subject)  # no consumer would ever take it
+    reply = await client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=1)
+    assert reply.choices[0].finish_reason in ("stop", "length")
