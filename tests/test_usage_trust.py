@@ -8,6 +8,7 @@ event published behind it was stored: proof the meter got past it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
@@ -153,3 +154,25 @@ async def test_an_event_clickhouse_keeps_refusing_is_dead_lettered_after_bounded
     finally:
         await clickhouse.command("ALTER TABLE usage_events DROP CONSTRAINT refuse_poison")
     assert await usage_rows(clickhouse, [refused.request_id], expect=0, timeout=0) == []
+
+
+async def test_while_clickhouse_refuses_every_insert_nothing_is_dead_lettered(stack, nc, meter, clickhouse):
+    """An outage is not a bad event: the batch waits, past ``store_attempts``, and is stored once inserts
+    work again."""
+    js = nc.jetstream()
+    signer = UsageSigner.current
+    await clickhouse.command("ALTER TABLE usage_events ADD CONSTRAINT outage CHECK tenant != 'outage-tenant'")
+    events = [usage_event(tenant="outage-tenant") for _ in range(5)]
+    try:
+        await meter.stop()  # so the five arrive as one batch
+        await asyncio.gather(*(_publish(js, usage_subject(e.tenant), signer.seal(e)) for e in events))
+        await meter.start()
+
+        async def tried_past_the_limit():
+            return meter.billing.meter._failures > stack.settings.meter.store_attempts
+
+        await eventually(tried_past_the_limit, timeout=20)
+    finally:
+        await clickhouse.command("ALTER TABLE usage_events DROP CONSTRAINT outage")
+    assert len(await usage_rows(clickhouse, [e.request_id for e in events], expect=5, timeout=20)) == 5
+    assert await _dead_letters(js, {e.request_id for e in events}) == {}
