@@ -91,6 +91,11 @@ class MinuteBudget:
         self._left -= excess
         return excess
 
+    @property
+    def window(self) -> int:
+        """The minute this budget last spent in."""
+        return self._window
+
     def remaining(self) -> int:
         return max(0, self.limit - self._seen) + self._left
 
@@ -171,6 +176,14 @@ class InFlight:
                         await self._change(scope, -owed, None)
                     except Exception:
                         self._owed[scope] = self._owed.get(scope, 0) + owed
+            # Scopes with nothing in flight here are forgotten, so the maps grow with the requests
+            # in flight, not with every key and model ever seen.
+            for scope in [s for s, count in self._mine.items() if not count and s not in self._owed]:
+                lock = self._locks.get(scope)
+                if lock is None or not lock.locked():
+                    del self._mine[scope]
+                    self._cache.pop(scope, None)
+                    self._locks.pop(scope, None)
 
 
 def _reset(seconds: float) -> str:
@@ -196,6 +209,7 @@ class RateLimiter:
         self._budgets: dict[tuple[str, str, int], MinuteBudget] = {}
         self._settling: set[asyncio.Task] = set()
         self._corrections: dict[str, int] = {}
+        self._pruned = -1  # the minute whose stale budgets were last dropped
 
     def _budget(self, metric: str, scope: str, limit: int) -> MinuteBudget:
         key = (metric, scope, limit)  # a changed limit starts a fresh local budget
@@ -295,6 +309,11 @@ class RateLimiter:
         """Apply token corrections in batches: one counter update per scope and tick, not per request."""
         while True:
             await asyncio.sleep(every_s)
+            window = int(time.time() // WINDOW_S)
+            if window != self._pruned:
+                # Once a minute: a budget of a minute gone holds nothing usable (its lease lapsed).
+                self._pruned = window
+                self._budgets = {k: b for k, b in self._budgets.items() if b.window >= window - 1}
             pending, self._corrections = self._corrections, {}
             for subject, delta in pending.items():
                 if delta:
