@@ -128,11 +128,9 @@ class PayloadTooLarge(TollgateError):
     code = "request_too_large"
 
 
-class UsageServiceUnavailable(TollgateError):
+class UsageServiceUnavailable(NoCapacity):
     """The usage query service (in the billing process) is not answering."""
 
-    status = 503
-    type = "server_error"
     code = "usage_service_unavailable"
 
 

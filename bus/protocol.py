@@ -351,7 +351,6 @@ _envelope_encoder = msgspec.msgpack.Encoder()
 _report_decoder = msgspec.msgpack.Decoder(UsageReport)
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
 _frame_decoder = msgspec.msgpack.Decoder(Frame)
-_usage_decoder = msgspec.msgpack.Decoder(UsageEvent)
 _credit_decoder = msgspec.msgpack.Decoder(CreditEntry)
 _hold_decoder = msgspec.msgpack.Decoder(HoldNotice)
 _alert_decoder = msgspec.msgpack.Decoder(BudgetAlert)
@@ -365,10 +364,6 @@ def decode_envelope(data: bytes) -> Envelope:
 
 def decode_frame(data: bytes) -> Frame:
     return _frame_decoder.decode(data)
-
-
-def decode_usage(data: bytes) -> UsageEvent:
-    return _usage_decoder.decode(data)
 
 
 def decode_report(data: bytes) -> UsageReport:
