@@ -44,6 +44,9 @@ COLUMNS = UsageEvent.__struct_fields__  # the table's columns are the event's fi
 _TIME_COLUMNS = [i for i, name in enumerate(COLUMNS) if name.endswith("_at")]
 # Stamped by the meter, once a batch, so the meter and the sweeper judge "stored late" alike.
 _INSERT_COLUMNS = (*COLUMNS, "inserted_at")
+# A forgotten refusal only delays that event's dead-lettering by one more round.
+_LONE_REFUSALS_KEPT = 10_000
+_LONE_RETRY_S = 5.0  # how long a lone refused event waits before it is tried again
 
 
 def columns(events: list[UsageEvent]) -> list[list]:
@@ -92,6 +95,9 @@ class Meter(Batches):
         self._on_stored = on_stored  # told which tenants' usage changed (budgets follow it)
         self._recheck_through = 0
         self._failures = 0  # consecutive failed tries of the batch in hand
+        self._last_insert = 0.0  # monotonic time of the last insert ClickHouse took
+        # Lone events ClickHouse refused, by request id: when first refused (bounded, oldest dropped).
+        self._lone_refusals: dict[str, float] = {}
 
     async def start(self) -> None:
         # Events up to this stream position may have been stored by a meter whose consumer was replaced.
@@ -163,13 +169,16 @@ class Meter(Batches):
         """Insert ``new`` stamped ``now``; after ``store_attempts`` failed tries of this batch, one by one.
 
         One by one, an event ClickHouse refuses while others of the batch go in is dead-lettered
-        (its messages leave ``by_id``); if none goes in, ClickHouse is refusing everything — an
-        outage, not a bad event — and the batch is tried again later, dead-lettering nothing.
-        Returns what was stored.
+        (its messages leave ``by_id``); if none goes in, ClickHouse may be refusing everything —
+        an outage, not a bad event — and the batch is tried again later, dead-lettering nothing.
+        A batch of one proves nothing either way: its event is put back for later (so what is
+        behind it flows on) and dead-lettered only once some other insert has worked since it
+        was first refused. Returns what was stored.
         """
         stamp = [round(now * 1_000_000)]
         try:
             await self.ch.insert_columns("usage_events", [*columns(new), stamp * len(new)], _INSERT_COLUMNS)
+            self._last_insert = time.monotonic()
             return new
         except Exception:
             self._failures += 1
@@ -180,14 +189,31 @@ class Meter(Batches):
             try:
                 await self.ch.insert_columns("usage_events", [*columns([event]), stamp], _INSERT_COLUMNS)
                 stored.append(event)
+                self._last_insert = time.monotonic()
             except Exception as exc:
                 refused.append((event, exc))
         if not stored and len(new) > 1:
             raise RuntimeError(f"ClickHouse refused every one of {len(new)} events: {refused[0][1]}")
         for event, exc in refused:
-            for msg in by_id.pop(event.request_id):
+            msgs = by_id.pop(event.request_id)
+            if not stored and not self._refused_before_an_insert(event.request_id):
+                log.warning("ClickHouse refused usage %s alone (%s); trying it again later", event.request_id, exc)
+                for msg in msgs:
+                    await msg.nak(delay=_LONE_RETRY_S)
+                continue
+            self._lone_refusals.pop(event.request_id, None)
+            for msg in msgs:
                 await dead_letter(self._js, msg, "usage", f"ClickHouse refused it: {exc}")
         return stored
+
+    def _refused_before_an_insert(self, request_id: str) -> bool:
+        """Whether ClickHouse took another insert since it first refused ``request_id`` alone."""
+        first = self._lone_refusals.get(request_id)
+        if first is None:
+            if len(self._lone_refusals) >= _LONE_REFUSALS_KEPT:
+                del self._lone_refusals[next(iter(self._lone_refusals))]
+            self._lone_refusals[request_id] = first = time.monotonic()
+        return self._last_insert > first
 
     async def handle(self, msgs: list[Msg], retry: bool = False) -> None:
         await ack_each(await self.store(msgs, retry))

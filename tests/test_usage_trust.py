@@ -43,7 +43,7 @@ async def _dead_letters(js, request_ids: set[str]) -> dict[str, str]:
     try:
         while True:
             msg = await sub.next_msg(timeout=1)
-            data = msgspec.msgpack.decode(msg.data)  # a report, or an old-style bare event
+            data = msgspec.msgpack.decode(msg.data)  # a report, or a forgery's bare event
             rid = data["event"]["request_id"] if "event" in data else data.get("request_id")
             if rid in request_ids:
                 found[rid] = msg.headers[REASON_HEADER]
@@ -149,7 +149,12 @@ async def test_an_event_clickhouse_keeps_refusing_is_dead_lettered_after_bounded
         for e in [batch[0], refused, *batch[1:]]:
             await _publish(js, usage_subject(e.tenant), signer.seal(e))
         assert len(await usage_rows(clickhouse, [e.request_id for e in batch], expect=4, timeout=20)) == 4
-        dead = await _dead_letters(js, {refused.request_id})
+
+        async def dead_lettered():
+            return await _dead_letters(js, {refused.request_id})
+
+        # Refused alone, it waits until another insert has worked; with others, it goes at once.
+        dead = await eventually(dead_lettered, timeout=30)
         assert "ClickHouse refused it" in dead[refused.request_id]
     finally:
         await clickhouse.command("ALTER TABLE usage_events DROP CONSTRAINT refuse_poison")
@@ -176,3 +181,22 @@ async def test_while_clickhouse_refuses_every_insert_nothing_is_dead_lettered(st
         await clickhouse.command("ALTER TABLE usage_events DROP CONSTRAINT outage")
     assert len(await usage_rows(clickhouse, [e.request_id for e in events], expect=5, timeout=20)) == 5
     assert await _dead_letters(js, {e.request_id for e in events}) == {}
+
+
+async def test_a_lone_event_refused_during_an_outage_waits_and_is_stored(stack, nc, meter, clickhouse):
+    """One event alone proves nothing about itself: refused past ``store_attempts`` while every insert
+    fails, it is put back, not dead-lettered, and stored once inserts work again."""
+    js = nc.jetstream()
+    await clickhouse.command("ALTER TABLE usage_events ADD CONSTRAINT outage CHECK tenant != 'outage-tenant'")
+    event = usage_event(tenant="outage-tenant")
+    try:
+        await _publish(js, usage_subject(event.tenant), UsageSigner.current.seal(event))
+
+        async def refused_alone_and_put_back():
+            return event.request_id in meter.billing.meter._lone_refusals
+
+        await eventually(refused_alone_and_put_back, timeout=20)
+    finally:
+        await clickhouse.command("ALTER TABLE usage_events DROP CONSTRAINT outage")
+    assert len(await usage_rows(clickhouse, [event.request_id], expect=1, timeout=20)) == 1
+    assert await _dead_letters(js, {event.request_id}) == {}
