@@ -18,6 +18,8 @@ up: $(STAMP)
 	$(VENV)/bin/tollgate up
 
 test: $(STAMP)
+	# Real speech for the speech-to-text tests comes from Debian's espeak-ng.
+	@command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null)
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -154,6 +154,13 @@ class Delta(msgspec.Struct, tag="delta", frozen=True):
     text: str
 
 
+class Chunk(msgspec.Struct, tag="chunk", frozen=True):
+    """Binary output streamed as it is produced (encoded audio, say): the bytes in order."""
+
+    seq: int
+    data: bytes
+
+
 class Final(msgspec.Struct, tag="final", frozen=True):
     seq: int
     finish_reason: str
@@ -175,7 +182,7 @@ class Failed(msgspec.Struct, tag="error", frozen=True):
     error: ErrorInfo
 
 
-Frame = Union[Started, Heartbeat, Delta, Final, Failed]
+Frame = Union[Started, Heartbeat, Delta, Chunk, Final, Failed]
 
 
 # -- usage events (JetStream USAGE, tg.usage.<tenant>) -----------------------

@@ -23,7 +23,7 @@ from bus.envelopes import seal
 from bus.errors import JS_STREAM_FULL, DeadlineExceeded, NoCapacity, QueueFull, TollgateError, WorkerFailed
 from bus.ids import new_request_id
 from bus.liveness import LiveWorkers, announced
-from bus.protocol import Delta, Envelope, Failed, Final, Frame, RequestBody, Started, decode_frame
+from bus.protocol import Chunk, Delta, Envelope, Failed, Final, Frame, RequestBody, Started, decode_frame
 from bus.signing import Identity
 from bus.subjects import CANCELLED_BUCKET, PUBLISHERS_BUCKET, WORKERS_BUCKET, cancel_subject, reply_subject, reply_wildcard, request_subject
 
@@ -43,8 +43,8 @@ class Call:
     def deliver(self, frame: Frame) -> None:
         self._queue.put_nowait(frame)
 
-    async def frames(self) -> AsyncIterator[Delta | Final]:
-        """Yield deltas then the final frame; raise the request's error if it fails.
+    async def frames(self) -> AsyncIterator[Delta | Chunk | Final]:
+        """Yield deltas (text) or chunks (binary), then the final frame; raise the request's error if it fails.
 
         Until a worker takes the request only the deadline applies; once one
         has, it must keep talking (heartbeats), or the request fails fast.
@@ -68,7 +68,7 @@ class Call:
                 raise TollgateError.from_info(frame.error)
             if isinstance(frame, Started):
                 started = True
-            elif isinstance(frame, (Delta, Final)):
+            elif isinstance(frame, (Delta, Chunk, Final)):
                 if isinstance(frame, Final):
                     self.done, self.final = True, frame
                 yield frame

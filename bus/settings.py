@@ -119,7 +119,9 @@ class ProcessSettings(msgspec.Struct, forbid_unknown_fields=True):
 class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     """A model the gateway serves: what it is, where its weights come from, how it runs."""
 
-    kind: Literal["chat", "embeddings"] = "chat"
+    # chat (with completions), embeddings, transcription (speech to text), speech (text to
+    # speech), images (generations and edits); a chat model that reads images says ``vision``.
+    kind: Literal["chat", "embeddings", "transcription", "speech", "images"] = "chat"
     backend: str = "transformers"  # what `consumers.serve.load_backend` builds; benchmarks pass their own
     # A hub id, a local path, or ``pypi:<dist>==<version>`` (then ``sha256`` and ``file`` too).
     source: str = ""

@@ -12,13 +12,24 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Protocol
+from typing import AsyncIterator, Protocol
 
 from bus.account.prices import Units
 from bus.protocol import ChatBody, CompletionBody, EmbeddingsBody, EmbeddingsResult, encode
 from consumers.backends.base import ChatResult
 
-SendText = Callable[[str], Awaitable[None]]
+
+
+class Output(Protocol):
+    """Where a kind streams what the client may see before the final frame."""
+
+    async def text(self, text: str) -> None:
+        """Send a piece of text (a ``Delta`` frame)."""
+        ...
+
+    async def data(self, data: bytes) -> None:
+        """Send a piece of binary output (a ``Chunk`` frame), encoded audio say."""
+        ...
 
 
 @dataclass
@@ -38,8 +49,8 @@ class Outcome:
 class Kind(Protocol):
     name: str
 
-    async def execute(self, backend, body, cancel: asyncio.Event, send_text: SendText) -> Outcome:
-        """Run ``body`` on ``backend``, streaming what the client may see early; stop soon after ``cancel``."""
+    async def execute(self, backend, body, cancel: asyncio.Event, out: Output) -> Outcome:
+        """Run ``body`` on ``backend``, streaming to ``out`` what the client may see early; stop soon after ``cancel``."""
         ...
 
 
@@ -48,8 +59,8 @@ class Chat:
 
     name = "chat"
 
-    async def execute(self, backend, body: ChatBody, cancel: asyncio.Event, send_text: SendText) -> Outcome:
-        return await _generated(backend.chat(body, cancel), body.stream, send_text)
+    async def execute(self, backend, body: ChatBody, cancel: asyncio.Event, out: Output) -> Outcome:
+        return await _generated(backend.chat(body, cancel), body.stream, out)
 
 
 class Completions:
@@ -57,11 +68,11 @@ class Completions:
 
     name = "completions"
 
-    async def execute(self, backend, body: CompletionBody, cancel: asyncio.Event, send_text: SendText) -> Outcome:
-        return await _generated(backend.complete(body, cancel), body.stream, send_text)
+    async def execute(self, backend, body: CompletionBody, cancel: asyncio.Event, out: Output) -> Outcome:
+        return await _generated(backend.complete(body, cancel), body.stream, out)
 
 
-async def _generated(items: AsyncIterator[str | ChatResult], stream: bool, send_text: SendText) -> Outcome:
+async def _generated(items: AsyncIterator[str | ChatResult], stream: bool, out: Output) -> Outcome:
     """A text generation's outcome: pieces streamed as deltas (or held for the final frame), tokens billed."""
     result, first, held = ChatResult("cancelled", 0, 0), None, []
     async for item in items:
@@ -70,7 +81,7 @@ async def _generated(items: AsyncIterator[str | ChatResult], stream: bool, send_
             continue
         first = first or time.time()
         if stream:
-            await send_text(item)
+            await out.text(item)
         else:
             held.append(item)  # one final frame instead of a message per token
     return Outcome(
@@ -86,7 +97,7 @@ class Embeddings:
 
     name = "embeddings"
 
-    async def execute(self, backend, body: EmbeddingsBody, cancel: asyncio.Event, send_text: SendText) -> Outcome:
+    async def execute(self, backend, body: EmbeddingsBody, cancel: asyncio.Event, out: Output) -> Outcome:
         embedded = await backend.embed(body, cancel)
         if embedded is None:
             return Outcome("cancelled")  # no vectors left the worker: nothing to bill

@@ -28,7 +28,7 @@ from bus.issuers import watch_issuers
 from bus.dead_letters import dead_letter
 from bus.liveness import LivePublishers, announced
 from bus.protocol import (
-    Delta, Envelope, Failed, Final, Heartbeat, Started, Usage, UsageEvent, WorkerAnnouncement, encode,
+    Chunk, Delta, Envelope, Failed, Final, Heartbeat, Started, Usage, UsageEvent, WorkerAnnouncement, encode,
 )
 from bus.provision import ensure_work_consumers
 from bus.settings import ModelSpec, Settings
@@ -51,7 +51,7 @@ _MAX_REMEMBERED_CANCELS = 100_000
 
 
 class _Replies:
-    """Numbered frames to one request's reply subject."""
+    """Numbered frames to one request's reply subject; a kind's ``Output``."""
 
     def __init__(self, nc: Client, subject: str):
         self._nc, self._subject, self._seq = nc, subject, 0
@@ -59,6 +59,12 @@ class _Replies:
     async def send(self, frame_type, **fields) -> None:
         seq, self._seq = self._seq, self._seq + 1  # taken before the await: senders interleave
         await self._nc.publish(self._subject, encode(frame_type(seq=seq, **fields)))
+
+    async def text(self, text: str) -> None:
+        await self.send(Delta, text=text)
+
+    async def data(self, data: bytes) -> None:
+        await self.send(Chunk, data=data)
 
 
 class Worker:
@@ -225,7 +231,7 @@ class Worker:
         keepalive = asyncio.create_task(self._keepalive(replies, msg))
         try:
             outcome = await KINDS[envelope.kind].execute(
-                self.backend, envelope.body, cancel, lambda text: replies.send(Delta, text=text))
+                self.backend, envelope.body, cancel, replies)
             if outcome.finish_reason == "cancelled" or cancel.is_set():
                 status = "cancelled"
                 if time.time() >= envelope.deadline:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
-
+from typing import Callable
 
 from bus.connect import connect
 from bus.issuers import issuer_registered
@@ -24,22 +24,37 @@ def worker_identity_path(settings: Settings) -> Path:
     return Path(settings.state_dir, "keys", "worker.seed")
 
 
+def _transformers_chat(spec: ModelSpec, path: str) -> Backend:
+    from consumers.backends.transformers_chat import TransformersChat
+
+    return TransformersChat(path)
+
+
+def _sentence_embeddings(spec: ModelSpec, path: str) -> Backend:
+    from consumers.backends.sentence_embeddings import SentenceEmbeddings
+
+    backend = SentenceEmbeddings(path, max_batch=spec.max_batch, batch_wait_ms=spec.batch_wait_ms,
+                                 matryoshka=spec.matryoshka)
+    if backend.dimensions != spec.dimensions:  # the edge checks requests against the configured size
+        raise ValueError(f"the weights at {path} make {backend.dimensions}-dimensional vectors; "
+                         f"the model is configured with dimensions = {spec.dimensions}")
+    return backend
+
+
+# (kind, backend) -> what builds it from the spec and the weights' path. Libraries are imported
+# inside each builder, so a worker loads only its own model's.
+BACKENDS: dict[tuple[str, str], Callable[[ModelSpec, str], Backend]] = {
+    ("chat", "transformers"): _transformers_chat,
+    ("embeddings", "transformers"): _sentence_embeddings,
+}
+
+
 def load_backend(spec: ModelSpec, path: str) -> Backend:
-    """Instantiate the backend named by ``spec.backend`` on the weights at ``path``."""
-    if spec.backend == "transformers" and spec.kind == "chat":
-        from consumers.backends.transformers_chat import TransformersChat
-
-        return TransformersChat(path)
-    if spec.backend == "transformers" and spec.kind == "embeddings":
-        from consumers.backends.sentence_embeddings import SentenceEmbeddings
-
-        backend = SentenceEmbeddings(path, max_batch=spec.max_batch, batch_wait_ms=spec.batch_wait_ms,
-                                     matryoshka=spec.matryoshka)
-        if backend.dimensions != spec.dimensions:  # the edge checks requests against the configured size
-            raise ValueError(f"the weights at {path} make {backend.dimensions}-dimensional vectors; "
-                             f"the model is configured with dimensions = {spec.dimensions}")
-        return backend
-    raise ValueError(f"no {spec.backend!r} backend for {spec.kind!r} models")
+    """Instantiate the backend named by ``spec.backend`` for ``spec.kind`` on the weights at ``path``."""
+    build = BACKENDS.get((spec.kind, spec.backend))
+    if build is None:
+        raise ValueError(f"no {spec.backend!r} backend for {spec.kind!r} models")
+    return build(spec, path)
 
 
 async def serve_model(settings: Settings, model: str, backend: Backend | None = None) -> None:

@@ -39,6 +39,7 @@ from infra.nats import roles
 from infra.nats_launcher import NatsServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+STACK_MODELS = ROOT / "tests" / "stack_models"
 ADMIN_TOKEN = "tga-test-admin"
 CHAT_MODEL = "smollm2-135m"
 # Micro-credits per token for the chat model in the test stack.
@@ -107,6 +108,9 @@ input_token = {EMBED_INPUT_PRICE}
 [models."{UNSERVED_MODEL}"]
 {smol}
 """
+    # Each kind's tests add their models in a file of their own; their workers start on first use.
+    for fragment in sorted(STACK_MODELS.glob("*.toml")):
+        text += "\n" + fragment.read_text()
     path = tmp / "tollgate.toml"
     path.write_text(text)
     return path
@@ -125,6 +129,20 @@ class Stack:
         self.passwords = passwords
         self.procs: list[subprocess.Popen] = []
         self.api_key = ""  # the default tenant's key, made when the stack starts
+        self._served: set[str] = set()
+
+    def serve(self, model: str, timeout: float = 300) -> None:
+        """Fetch ``model``'s weights and start one worker for it, once a session; wait until it serves.
+
+        For models a few tests need (speech, images, vision): a session that runs none of
+        those tests never loads them.
+        """
+        if model in self._served:
+            return
+        subprocess.run([sys.executable, "-m", "infra.cli", "models", "pull", model], env=self.env, cwd=ROOT, check=True)
+        self.spawn(roles.worker_role(model), "worker", "--model", model)
+        self._served.add(model)
+        self.wait_serving(model, timeout=timeout)
 
     def spawn(self, role: str, *args: str, env: dict | None = None) -> subprocess.Popen:
         """Start ``tollgate ARGS`` connecting to NATS as ``role``."""
@@ -220,7 +238,7 @@ def stack(tmp_path_factory):
     edge_port = free_port()
     config = _config(tmp, edge_port)
     passwords = roles.load_or_create(tmp / "nats-auth.json", services=SERVICES,
-                                     models=(CHAT_MODEL, EMBED_MODEL, SPARE_MODEL, UNSERVED_MODEL))
+                                     models=tuple(load_settings(config, {}).models))
     (tmp / "nats.conf").write_text(roles.render(passwords))
     server = NatsServer(tmp / "nats", config=tmp / "nats.conf").start()
     st = Stack(tmp, config, server.url, edge_port, passwords)

@@ -26,7 +26,7 @@ def decode_json(data: bytes, type_: type[T]) -> T:
             _check_int64(value)
         return value
     except msgspec.ValidationError as exc:
-        raise _invalid(str(exc)) from None
+        raise invalid(str(exc)) from None
     except msgspec.DecodeError:
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be a JSON object."
@@ -37,7 +37,8 @@ def decode_json(data: bytes, type_: type[T]) -> T:
         raise InvalidRequest("The JSON body of your request is nested too deeply.") from None
 
 
-def _invalid(text: str) -> InvalidRequest:
+def invalid(text: str) -> InvalidRequest:
+    """A msgspec validation message as a 400 naming the offending field."""
     unknown = _UNKNOWN_FIELD.search(text)
     path = _PATH.search(text)
     if unknown:
