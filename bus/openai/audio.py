@@ -1,0 +1,1 @@
+"""OpenAI audio endpoints on the wire: transcriptions and translations (speech to text), speech (text to speech)."""

@@ -1,0 +1,1 @@
+"""OpenAI image endpoints on the wire: generations and edits."""
