@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Awaitable, Callable
 
 import msgspec
@@ -27,9 +28,13 @@ class Batches:
     than storing it does at tens of thousands of events a second.
     """
 
-    def __init__(self, nc: Client, stream: str, durable: str, batch_size: int):
+    def __init__(self, nc: Client, stream: str, durable: str, batch_size: int, min_interval_s: float = 0.0):
         self._nc, self._js = nc, nc.jetstream()
         self.stream, self.durable, self.batch_size = stream, durable, batch_size
+        # A batch short of batch_size waits until this long after the last one began: a steady
+        # trickle then makes a few larger inserts a second instead of one per message.
+        self.min_interval_s = min_interval_s
+        self._last_batch = 0.0
         self._sub = None
         self._ready: list[Msg] = []
         self._ended = 0  # pull requests the server has ended with a status
@@ -63,18 +68,29 @@ class Batches:
     async def fetch(self, timeout: float = 1.0) -> list[Msg]:
         """Up to one batch: what is stored now, else the first messages to arrive within ``timeout``."""
         want = self.batch_size
-        if len(self._ready) < want:
-            # no_wait: the server sends what it has, then ends the request with a status.
-            ended = self._ended
-            await self._pull({"batch": want - len(self._ready), "no_wait": True},
-                             lambda: len(self._ready) >= want or self._ended > ended, timeout)
+        await self._stored(timeout)
         if not self._ready:
             # Nothing stored: wait for the first arrivals (the request lingers server-side and
             # anything it still delivers lands in the next batch).
             await self._pull({"batch": want, "expires": int(timeout * 1e9)}, lambda: bool(self._ready), timeout)
             await asyncio.sleep(_LINGER_S)
+        early = self._last_batch + self.min_interval_s - time.monotonic()
+        if self._ready and len(self._ready) < want and early > 0:
+            await asyncio.sleep(early)
+            await self._stored(timeout)
+        if self._ready:
+            self._last_batch = time.monotonic()
         batch, self._ready = self._ready[:want], self._ready[want:]
         return batch
+
+    async def _stored(self, timeout: float) -> None:
+        """Top the batch up with what the stream holds now (no_wait: the server sends what it
+        has, then ends the request with a status)."""
+        want = self.batch_size
+        if len(self._ready) < want:
+            ended = self._ended
+            await self._pull({"batch": want - len(self._ready), "no_wait": True},
+                             lambda: len(self._ready) >= want or self._ended > ended, timeout)
 
     async def run(self, stop: asyncio.Event, handle: Callable[[list[Msg], bool], Awaitable[None]]) -> None:
         """Feed batches to ``handle(msgs, retry)`` until ``stop`` is set.

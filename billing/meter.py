@@ -89,7 +89,8 @@ class Watermark:
 class Meter(Batches):
     def __init__(self, settings: Settings, nc: Client, ch: ClickHouse,
                  on_stored: Callable[[set[str]], None] | None = None):
-        super().__init__(nc, USAGE_STREAM, METER_CONSUMER, settings.meter.batch_size)
+        super().__init__(nc, USAGE_STREAM, METER_CONSUMER, settings.meter.batch_size,
+                         settings.meter.min_insert_interval_s)
         self.settings = settings
         self.ch = ch
         self._on_stored = on_stored  # told which tenants' usage changed (budgets follow it)

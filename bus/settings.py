@@ -77,6 +77,9 @@ class MeterSettings(msgspec.Struct, forbid_unknown_fields=True):
     """The billing process: metering, credits, budgets and alert delivery."""
 
     batch_size: int = 10_000  # the most events per ClickHouse insert; fewer when fewer are waiting
+    # Inserts a second at most, short of full batches: every insert writes a part that ClickHouse
+    # must later merge, so one insert per event at a trickle costs billing a core (BENCHMARKS.md).
+    min_insert_interval_s: Annotated[float, msgspec.Meta(ge=0, le=5)] = 0.25
     ack_wait_s: float = 30.0
     # Tries of a batch ClickHouse refuses before its events are stored one by one and the ones
     # still refused are dead-lettered, so one bad event cannot stop billing.
