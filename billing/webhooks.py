@@ -19,11 +19,9 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import socket
 import time
 
 import aiohttp
-import aiohttp.abc
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -36,6 +34,7 @@ from bus.errors import InvalidRequest
 from bus.subjects import BUDGETS_BUCKET, EVENTS_STREAM, WEBHOOKS_CONSUMER
 from bus.watched import WatchedBucket
 from bus.account.webhook_policy import WebhookPolicy, url_host
+from bus.destinations import DestinationRefused, GuardedResolver
 
 log = logging.getLogger(__name__)
 
@@ -46,28 +45,6 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     """The signature header's value for ``body`` sent at ``timestamp``."""
     digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
     return f"t={timestamp},v1={digest}"
-
-
-class DestinationRefused(OSError):
-    """A webhook host with no address the policy allows."""
-
-
-class _GuardedResolver(aiohttp.abc.AbstractResolver):
-    """Resolves as usual, then keeps only the addresses the policy allows."""
-
-    def __init__(self, policy: WebhookPolicy):
-        self._policy = policy
-        self._resolver = aiohttp.ThreadedResolver()
-
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list:
-        found = await self._resolver.resolve(host, port, family)
-        allowed = [r for r in found if self._policy.address_allowed(host.lower().rstrip("."), r["host"])]
-        if not allowed:
-            raise DestinationRefused(f"{host} resolves only to refused addresses")
-        return allowed
-
-    async def close(self) -> None:
-        await self._resolver.close()
 
 
 class WebhookSender(Batches):
@@ -82,7 +59,7 @@ class WebhookSender(Batches):
         self._budgets = WatchedBucket(await self._js.key_value(BUDGETS_BUCKET), decode_budget)
         await self._budgets.start()
         # No DNS cache: every delivery checks what the name resolves to now.
-        connector = aiohttp.TCPConnector(resolver=_GuardedResolver(self._policy), use_dns_cache=False)
+        connector = aiohttp.TCPConnector(resolver=GuardedResolver(self._policy.address_allowed), use_dns_cache=False)
         self._http = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=self.meter.webhook_timeout_s))
 

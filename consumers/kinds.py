@@ -10,12 +10,18 @@ its body, which frames carry its output, and the units its usage is priced in
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
+import msgspec
+
 from bus.account.prices import Units
-from bus.protocol import ChatBody, CompletionBody, EmbeddingsBody, EmbeddingsResult, encode
+from bus.protocol import ImagesBody, ImagesResult
+from bus.protocol import (ChatBody, CompletionBody, EmbeddingsBody, EmbeddingsResult, SpeechBody, TranscriptionBody,
+                          encode)
+from consumers.audio_encoding import AudioEncoder
 from consumers.backends.base import ChatResult
 
 
@@ -44,6 +50,7 @@ class Outcome:
     first_output_at: float | None = None
     text: str = ""  # output not yet streamed as deltas
     result: bytes = b""  # a kind's own encoded result (vectors, say), for the final frame
+    stop: str | None = None  # the stop sequence that ended a generation, when one did
 
 
 class Kind(Protocol):
@@ -55,12 +62,16 @@ class Kind(Protocol):
 
 
 class Chat:
-    """Chat completions: text streamed as it is generated, priced per prompt and completion token."""
+    """Chat completions: text streamed as it is generated, priced per prompt and completion token, and per
+    image a vision model read."""
 
     name = "chat"
 
     async def execute(self, backend, body: ChatBody, cancel: asyncio.Event, out: Output) -> Outcome:
-        return await _generated(backend.chat(body, cancel), body.stream, out)
+        outcome = await _generated(backend.chat(body, cancel), body.stream, out)
+        if images := sum(len(m.images) for m in body.messages):  # read before any token was made
+            outcome.units = msgspec.structs.replace(outcome.units, input_images=images)
+        return outcome
 
 
 class Completions:
@@ -86,9 +97,10 @@ async def _generated(items: AsyncIterator[str | ChatResult], stream: bool, out: 
             held.append(item)  # one final frame instead of a message per token
     return Outcome(
         finish_reason=result.finish_reason,
-        units=Units(input_tokens=result.prompt_tokens, output_tokens=result.completion_tokens),
+        units=Units(input_tokens=result.prompt_tokens, cached_input_tokens=result.cached_prompt_tokens,
+                    output_tokens=result.completion_tokens),
         input_units=result.prompt_tokens, output_units=result.completion_tokens, unit="tokens",
-        first_output_at=first, text="".join(held),
+        first_output_at=first, text="".join(held), stop=result.stop,
     )
 
 
@@ -106,4 +118,65 @@ class Embeddings:
                        result=encode(EmbeddingsResult(embedded.vectors)))
 
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (Chat(), Completions(), Embeddings())}
+class Transcription:
+    """Speech to text (and translation to English): the text and its timings in the final frame, priced per
+    started second of audio."""
+
+    name = "transcription"
+
+    async def execute(self, backend, body: TranscriptionBody, cancel: asyncio.Event, out: Output) -> Outcome:
+        heard = await backend.transcribe(body, cancel)
+        if heard is None:
+            return Outcome("cancelled")  # no text left the worker: nothing to bill
+        return Outcome("stop", units=Units(audio_seconds=heard.duration), input_units=math.ceil(heard.duration),
+                       unit="seconds", first_output_at=time.time(), result=encode(heard))
+
+
+class Images:
+    """Images drawn (or edited) from a prompt: the PNGs in the final frame, priced per image of their size."""
+
+    name = "images"
+
+    async def execute(self, backend, body: ImagesBody, cancel: asyncio.Event, out: Output) -> Outcome:
+        pngs = await backend.draw(body, cancel)
+        if pngs is None:
+            return Outcome("cancelled")  # no image left the worker: nothing to bill
+        return Outcome("stop", units=Units(images={body.size: len(pngs)}), output_units=len(pngs), unit="images",
+                       first_output_at=time.time(), result=encode(ImagesResult(pngs)))
+
+
+# Encoded audio leaves in frames of at most this many bytes: far under any nats-server's max_payload.
+_MAX_CHUNK_BYTES = 64 * 1024
+
+
+class Speech:
+    """Text to speech: audio encoded as the request asks and streamed in chunk frames as each piece is read,
+    priced per character read."""
+
+    name = "speech"
+
+    async def execute(self, backend, body: SpeechBody, cancel: asyncio.Event, out: Output) -> Outcome:
+        encoder = await asyncio.to_thread(AudioEncoder, body.response_format, backend.sample_rate)
+        characters, first = 0, None
+        try:
+            async for piece in backend.speak(body, cancel):
+                await _send(out, await asyncio.to_thread(encoder.encode, piece.pcm))
+                characters += piece.characters
+                first = first or time.time()
+            if not cancel.is_set():
+                await _send(out, await asyncio.to_thread(encoder.finish))
+        finally:
+            encoder.close()
+        # Cut short, a request is billed the characters read before the cut.
+        return Outcome("cancelled" if cancel.is_set() else "stop", units=Units(characters=characters),
+                       input_units=characters, unit="characters", first_output_at=first)
+
+
+async def _send(out: Output, data: bytes) -> None:
+    """``data`` as chunk frames of at most ``_MAX_CHUNK_BYTES``, in order."""
+    for start in range(0, len(data), _MAX_CHUNK_BYTES):
+        await out.data(data[start:start + _MAX_CHUNK_BYTES])
+
+
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (Chat(), Completions(), Embeddings(), Transcription(), Images(),
+                                                      Speech())}

@@ -243,7 +243,8 @@ class Worker:
                 if len(result) > self._result_threshold:  # e.g. many embeddings: kept apart, sent by reference
                     result, blob = b"", await store_result(self.js, envelope.id, result)
                 await replies.send(Final, finish_reason=outcome.finish_reason, text=outcome.text,
-                                   usage=Usage(outcome.input_units, outcome.output_units), result=result, blob=blob)
+                                   usage=Usage(outcome.input_units, outcome.output_units), result=result, blob=blob,
+                                   stop=outcome.stop)
         except TollgateError as exc:
             status, error_code = "error", exc.code or exc.type
             await replies.send(Failed, error=exc.info())
@@ -281,6 +282,10 @@ class Worker:
             worker_id=self.worker_id,
             error_code=error_code,
             hold_micros=envelope.hold_micros,
+            cached_input_units=outcome.units.cached_input_tokens,
+            input_images=outcome.units.input_images,
+            route=envelope.route,
+            route_request_id=envelope.route_request,
         )
 
     async def _keepalive(self, replies: _Replies, msg: Msg) -> None:

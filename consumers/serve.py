@@ -25,9 +25,22 @@ def worker_identity_path(settings: Settings) -> Path:
 
 
 def _transformers_chat(spec: ModelSpec, path: str) -> Backend:
+    if spec.vision:
+        from consumers.backends.transformers_vision import TransformersVision
+
+        return TransformersVision(path)
     from consumers.backends.transformers_chat import TransformersChat
 
     return TransformersChat(path)
+
+
+def _rapidocr(spec: ModelSpec, path: str) -> Backend:
+    from consumers.backends.rapid_ocr import RapidOcr
+
+    if spec.source or not spec.vision:
+        raise ValueError("a rapidocr model reads images (vision = true) with the PP-OCRv4 models inside the "
+                         "rapidocr-onnxruntime package (source left empty)")
+    return RapidOcr()
 
 
 def _sentence_embeddings(spec: ModelSpec, path: str) -> Backend:
@@ -41,11 +54,47 @@ def _sentence_embeddings(spec: ModelSpec, path: str) -> Backend:
     return backend
 
 
+def _faster_whisper(spec: ModelSpec, path: str) -> Backend:
+    from consumers.backends.whisper_transcription import WhisperTranscription
+
+    return WhisperTranscription(path, device=spec.device, compute_type=spec.compute_type,
+                                concurrency=spec.concurrency)
+
+
+def _diffusers_images(spec: ModelSpec, path: str) -> Backend:
+    from consumers.backends.diffusers_images import DiffusersImages
+
+    return DiffusersImages(path, sizes=list(spec.prices.image), device=spec.device, compute_type=spec.compute_type,
+                           guidance_scale=spec.guidance_scale, edit_strength=spec.edit_strength)
+
+
+def _piper(spec: ModelSpec, path: str) -> Backend:
+    from consumers.backends.piper_speech import PiperSpeech
+
+    return PiperSpeech(path, spec.voices)
+
+
+def _provider(spec: ModelSpec, path: str) -> Backend:
+    import os
+
+    from consumers.backends.providers.build import provider_backend
+
+    return provider_backend(spec, os.environ)  # the one place a provider's key is read
+
+
 # (kind, backend) -> what builds it from the spec and the weights' path. Libraries are imported
 # inside each builder, so a worker loads only its own model's.
 BACKENDS: dict[tuple[str, str], Callable[[ModelSpec, str], Backend]] = {
+    ("images", "diffusers"): _diffusers_images,
     ("chat", "transformers"): _transformers_chat,
+    ("chat", "rapidocr"): _rapidocr,
     ("embeddings", "transformers"): _sentence_embeddings,
+    ("transcription", "faster-whisper"): _faster_whisper,
+    ("speech", "piper"): _piper,
+    ("chat", "openai"): _provider,
+    ("embeddings", "openai"): _provider,
+    ("chat", "anthropic"): _provider,
+    ("chat", "gemini"): _provider,
 }
 
 

@@ -12,19 +12,21 @@ from aiohttp import web
 from bus.account.budgets import BudgetStore
 from bus.connect import connect
 from bus.issuers import issuer_registered
-from bus.publisher import Publisher
 from bus.settings import Settings
 from bus.signing import Identity
 from bus.subjects import INFLIGHT_BUCKET, KEYS_BUCKET, TENANTS_BUCKET
 from bus.account.tenant_store import TenancyStore, decode_key, decode_tenant
 from bus.watched import WatchedBucket
-from edge import admin as admin_api, billing_api, chat, completions, embeddings, models, tokenize, usage
+from edge import (admin as admin_api, billing_api, chat, completions, embeddings, image_links, images, messages,
+                  models, speech, tokenize, transcriptions, usage)
 from edge.admission import Gate
 from edge.auth import Authenticator
 from edge.errors import error_middleware
 from edge.ratelimit import InFlight, RateLimiter
+from edge.routing import RoutingPublisher
 from edge.quota import QuotaGate
-from edge.state import AUTH, BUDGETS, GATE, PUBLISHER, QUOTA, SETTINGS, TENANCY
+from edge.image_inputs import ImageInputs
+from edge.state import AUTH, BUDGETS, GATE, IMAGE_INPUTS, PUBLISHER, QUOTA, SETTINGS, TENANCY
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ def create_app(settings: Settings) -> web.Application:
     """Build the edge application; it connects to NATS when it starts."""
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.edge.max_body_bytes)
     app[SETTINGS] = settings
-    for endpoint in (chat, completions, embeddings, tokenize, models, usage, billing_api):  # one route table per endpoint module
+    for endpoint in (chat, completions, embeddings, messages, tokenize, transcriptions, speech, images, image_links,
+                     models, usage, billing_api):  # one route table per endpoint module
         app.add_routes(endpoint.routes)
     app.router.add_get("/healthz", healthz)
     admin = web.Application(middlewares=[admin_only])
@@ -71,9 +74,12 @@ def create_app(settings: Settings) -> web.Application:
         for mirror in (tenants, keys):
             await mirror.start()
         edge_id = "edge-" + uuid.uuid4().hex[:12]
-        publisher = Publisher(
+        app[QUOTA] = quota = QuotaGate(js)
+        await quota.start()
+        publisher = RoutingPublisher(
             nc, identity, edge_id, deadline_s=settings.edge.request_timeout_s, silence_s=settings.edge.worker_silence_s,
             liveness_s=settings.worker.liveness_s, blob_threshold=settings.edge.blob_threshold_bytes,
+            routes=settings.routes, quota=quota,
         )
         await publisher.start()
         inflight = InFlight(await js.key_value(INFLIGHT_BUCKET), edge_id)
@@ -82,11 +88,11 @@ def create_app(settings: Settings) -> web.Application:
         app[PUBLISHER] = publisher
         app[AUTH] = Authenticator(tenants, keys, settings.tiers, settings.edge.admin_token)
         app[TENANCY] = await TenancyStore.open(js, set(settings.tiers))
-        app[QUOTA] = quota = QuotaGate(js)
-        await quota.start()
         app[GATE] = gate = Gate(settings, limiter, quota, publisher)
         app[BUDGETS] = await BudgetStore.open(js)
+        app[IMAGE_INPUTS] = image_inputs = ImageInputs(settings.edge.images)
         yield
+        await image_inputs.close()
         await gate.stop()
         await quota.stop()
         for chore in chores:

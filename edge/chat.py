@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from bus.openai.chat import ChatCompletionRequest, ChatResults, charge, prepaid_body, to_body
+from bus.openai.chat import ChatCompletionRequest, ChatResults, charge, image_refs, prepaid_body, to_body
 from bus.openai.decoding import decode_json as decode_body
 from bus.openai.service_tier import lane_for, tier_of
 from edge.replies import answer, published
-from edge.state import AUTH, GATE, PUBLISHER
+from edge.state import AUTH, GATE, IMAGE_INPUTS, PUBLISHER
 
 routes = web.RouteTableDef()
 
@@ -20,7 +20,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     principal = request.config_dict[AUTH].authenticate(request, "chat.completions")
     req = decode_body(await request.read(), ChatCompletionRequest)
     spec, policy = gate.model_for(principal, req.model)
-    body = to_body(req, spec)
+    images = await request.config_dict[IMAGE_INPUTS].load(image_refs(req, spec))  # 400s before admission
+    body = to_body(req, spec, images)
     if policy.prepaid:
         body = prepaid_body(body, spec)
     lane = lane_for(req.service_tier, policy)

@@ -14,6 +14,7 @@ from bus.publisher import Publisher
 from bus.settings import Settings
 from edge.admission import Gate
 from edge.auth import Authenticator
+from edge.image_inputs import ImageInputs
 from edge.quota import QuotaGate
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -23,3 +24,4 @@ GATE = web.AppKey("gate", Gate)
 QUOTA = web.AppKey("quota", QuotaGate)
 TENANCY = web.AppKey("tenancy", TenancyStore)
 BUDGETS = web.AppKey("budgets", BudgetStore)
+IMAGE_INPUTS = web.AppKey("image_inputs", ImageInputs)

@@ -121,13 +121,13 @@ async def test_a_redirect_is_not_followed(stack, nc, meter):
 
 async def test_a_host_name_is_checked_by_what_it_resolves_to():
     """``localhost`` by name is a loopback address like any other, unless the name is allowlisted."""
-    from billing.webhooks import DestinationRefused, _GuardedResolver
     from bus.account.webhook_policy import WebhookPolicy
+    from bus.destinations import DestinationRefused, GuardedResolver
 
-    strict = _GuardedResolver(WebhookPolicy(["10.0.0.0/8"]))
+    strict = GuardedResolver(WebhookPolicy(["10.0.0.0/8"]).address_allowed)
     with pytest.raises(DestinationRefused):
         await strict.resolve("localhost", 80)
-    allowed = _GuardedResolver(WebhookPolicy(["localhost"]))
+    allowed = GuardedResolver(WebhookPolicy(["localhost"]).address_allowed)
     assert {r["host"] for r in await allowed.resolve("localhost", 80)} <= {"127.0.0.1", "::1"}
     await strict.close()
     await allowed.close()

@@ -22,6 +22,7 @@ class Units(msgspec.Struct, frozen=True):
     images: dict[str, int] = {}  # images made, by size ("256x256")
     audio_seconds: float = 0.0  # audio heard or spoken
     characters: int = 0  # text read aloud
+    input_images: int = 0  # images a vision chat model read
 
 
 class Charge(msgspec.Struct, frozen=True):
@@ -43,6 +44,7 @@ class Prices(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     image: dict[_Size, _Micros] = {}  # per image, by size; a size not listed is not offered
     audio_second: _Micros = 0  # per started second
     character: _Micros = 0
+    input_image: _Micros = 0  # per image a vision chat model reads, beside its tokens
 
     def image_price(self, size: str) -> int:
         """The price of one image of ``size``, or a 400 naming the sizes on offer."""
@@ -61,5 +63,6 @@ class Prices(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             + sum(count * self.image_price(size) for size, count in units.images.items())
             + math.ceil(units.audio_seconds) * self.audio_second
             + units.characters * self.character
+            + units.input_images * self.input_image
         )
         return math.ceil(micros * lane_multiplier)

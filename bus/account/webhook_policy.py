@@ -12,24 +12,12 @@ import ipaddress
 from typing import Iterable
 from urllib.parse import urlsplit
 
+from bus.destinations import is_public, parse_address
 from bus.errors import InvalidRequest
 
 # Names that always mean this machine or a cloud metadata service; refused when a budget is set
 # (their addresses would be refused at send time anyway, with a less helpful answer).
 _INTERNAL_NAMES = ("localhost", "metadata.google.internal", "metadata.goog")
-
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _address(text: str) -> Address | None:
-    try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])  # an IPv6 zone (fe80::1%eth0) names no other host
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
-    return ip
-
 
 def url_host(url: str) -> str:
     """The host of a webhook URL, lower case and without a trailing dot: what logs may show."""
@@ -56,14 +44,12 @@ class WebhookPolicy:
         """May ``host``, resolved to ``address``, be sent to?"""
         if host in self._hosts:
             return True
-        ip = _address(address)
+        ip = parse_address(address)
         if ip is None:
             return False
         if any(ip in net for net in self._networks if net.version == ip.version):
             return True
-        # is_global excludes loopback, private, link-local (169.254.169.254, the metadata address),
-        # shared (100.64/10), reserved and unspecified ranges alike.
-        return ip.is_global and not ip.is_multicast
+        return is_public(ip)
 
     def check_url(self, url: str) -> str:
         """Refuse a URL that is not http(s) or names a refused destination; return its host.
@@ -77,7 +63,7 @@ class WebhookPolicy:
         if not host:
             raise InvalidRequest("webhook_url must name a host", param="webhook_url")
         internal = host.endswith(".localhost") or host in _INTERNAL_NAMES
-        if (internal and host not in self._hosts) or (_address(host) and not self.address_allowed(host, host)):
+        if (internal and host not in self._hosts) or (parse_address(host) and not self.address_allowed(host, host)):
             raise InvalidRequest(
                 f"webhook_url may not point at {host}: loopback, private, link-local and metadata addresses "
                 "are refused unless the operator allows them (meter.webhook_allow)", param="webhook_url")

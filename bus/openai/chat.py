@@ -5,6 +5,7 @@ Shared by the edge and the SDK so both give back the very same typed results.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 import msgspec
@@ -20,8 +21,13 @@ class TextPart(msgspec.Struct, tag="text", tag_field="type"):
     text: str
 
 
+class ImageUrl(msgspec.Struct, forbid_unknown_fields=True):
+    url: str  # a data URL (base64 PNG, JPEG, WebP or GIF) or an http(s) URL from a host the operator allows
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the model reads the image as it reads any
+
+
 class ImageUrlPart(msgspec.Struct, tag="image_url", tag_field="type"):
-    image_url: dict
+    image_url: ImageUrl
 
 
 class Message(msgspec.Struct):
@@ -116,21 +122,56 @@ def chat_messages(messages: list[Message]) -> list[ChatMessage]:
     return [ChatMessage(m.role, _text(m, i)) for i, m in enumerate(messages)]
 
 
-def _text(message: Message, index: int) -> str:
+def _text(message: Message, index: int, images: bool = False) -> str:
+    """The text of a message's content; image parts are skipped if ``images``, a 400 naming the part otherwise."""
     if message.content is None:
         return ""
     if isinstance(message.content, str):
         return message.content
     parts = []
     for part in message.content:
-        if not isinstance(part, TextPart):
+        if isinstance(part, TextPart):
+            parts.append(part.text)
+        elif not images:
             raise InvalidRequest("This model accepts text content only.", param=f"messages[{index}].content")
-        parts.append(part.text)
     return "".join(parts)
 
 
-def to_body(req: ChatCompletionRequest, spec: ModelSpec | None) -> ChatBody:
-    """The bus form of a validated OpenAI chat request, with the model's sampling defaults filled in."""
+@dataclass(frozen=True)
+class ImageRef:
+    """One ``image_url`` part of a request: its URL, and the parameter a 400 about it names."""
+
+    url: str
+    param: str
+
+
+def image_refs(req: ChatCompletionRequest, spec: ModelSpec | None) -> list[ImageRef]:
+    """The request's ``image_url`` parts in order; a 400 naming the first if the model does not read images."""
+    refs = [ImageRef(part.image_url.url, f"messages[{i}].content[{j}].image_url.url")
+            for i, m in enumerate(req.messages) if isinstance(m.content, list)
+            for j, part in enumerate(m.content) if isinstance(part, ImageUrlPart)]
+    if refs and not (spec is not None and spec.vision):
+        raise InvalidRequest(f"The model '{req.model}' does not read images; send text content only.",
+                             param=refs[0].param.removesuffix(".image_url.url"), code="model_not_supported")
+    return refs
+
+
+def _messages(messages: list[Message], images: list[bytes]) -> list[ChatMessage]:
+    """The bus form of OpenAI messages whose ``image_url`` parts read as ``images``, in order."""
+    out, left = [], iter(images)
+    for i, m in enumerate(messages):
+        count = sum(isinstance(p, ImageUrlPart) for p in m.content) if isinstance(m.content, list) else 0
+        out.append(ChatMessage(m.role, _text(m, i, images=True), images=[next(left) for _ in range(count)]))
+    return out
+
+
+def to_body(req: ChatCompletionRequest, spec: ModelSpec | None, images: list[bytes] = []) -> ChatBody:
+    """The bus form of a validated OpenAI chat request, with the model's sampling defaults filled in.
+
+    ``images`` are the bytes of its ``image_refs``, in order, as the edge fetched and checked them.
+    """
+    if len(image_refs(req, spec)) != len(images):  # a publisher that reads no images (the SDK) sends none
+        raise InvalidRequest("image_url parts are read by the HTTP edge only.", param="messages")
     if spec is not None and spec.kind != "chat":  # its workers would refuse it unrun
         raise InvalidRequest(f"The model '{req.model}' does not chat; it serves {spec.kind}.",
                              param="model", code="model_not_supported")
@@ -147,7 +188,7 @@ def to_body(req: ChatCompletionRequest, spec: ModelSpec | None) -> ChatBody:
         raise InvalidRequest(f"max_tokens is {max_tokens}, more than this model's context of "
                              f"{spec.context_tokens} tokens.", param="max_tokens", code="context_length_exceeded")
     return ChatBody(
-        messages=chat_messages(req.messages),
+        messages=_messages(req.messages, images),
         max_tokens=max_tokens,
         temperature=spec.temperature if req.temperature is None and spec else req.temperature,
         top_p=spec.top_p if req.top_p is None and spec else req.top_p,
@@ -173,8 +214,9 @@ def charge(body: ChatBody) -> Charge:
     every prompt byte a token (byte-level tokenizers spend at least a byte a token) and its whole cap."""
     estimate = sum(len(m.content) for m in body.messages) // 4 + 4 * len(body.messages)
     prompt_bound = sum(len(m.content.encode()) + _MESSAGE_TOKENS for m in body.messages) + _TEMPLATE_TOKENS
+    images = sum(len(m.images) for m in body.messages)  # priced per image, not as tokens
     return Charge(tokens=estimate + (body.max_tokens or DEFAULT_COMPLETION_ESTIMATE),
-                  max_units=Units(input_tokens=prompt_bound, output_tokens=body.max_tokens or 0))
+                  max_units=Units(input_tokens=prompt_bound, output_tokens=body.max_tokens or 0, input_images=images))
 
 
 def usage_of(final: Final) -> CompletionUsage:

@@ -79,6 +79,9 @@ def to_body(req: CompletionRequest, spec: ModelSpec) -> CompletionBody:
     if spec.kind != "chat":  # only text-generating models complete; its workers would refuse it unrun
         raise InvalidRequest(f"The model '{req.model}' does not complete text; it serves {spec.kind}.",
                              param="model", code="model_not_supported")
+    if spec.vision:  # vision models serve chat alone
+        raise InvalidRequest(f"The model '{req.model}' reads images: use chat completions.",
+                             param="model", code="model_not_supported")
     if isinstance(req.prompt, list) and len(req.prompt) > 1:
         raise InvalidRequest("One prompt per request: this gateway returns a single choice (n = 1).",
                              param="prompt")

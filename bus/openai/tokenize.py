@@ -45,6 +45,9 @@ def check_model(name: str, spec: ModelSpec) -> None:
     if spec.kind != "chat":
         raise InvalidRequest(f"The model '{name}' does not tokenize here; it serves {spec.kind}.",
                              param="model", code="model_not_supported")
+    if spec.vision:  # vision models serve chat alone
+        raise InvalidRequest(f"The model '{name}' reads images and does not tokenize here.",
+                             param="model", code="model_not_supported")
 
 
 def tokenize_ask(req: TokenizeRequest) -> TokenizeAsk:

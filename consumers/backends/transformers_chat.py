@@ -101,8 +101,9 @@ class TransformersChat:
         return max_tokens or room
 
     async def _generate(self, prompt: list[int], max_new: int, body: ChatBody | CompletionBody,
-                        cancel: asyncio.Event) -> AsyncIterator[str | ChatResult]:
-        """Sample up to ``max_new`` tokens after ``prompt`` with ``body``'s sampling and stop strings."""
+                        cancel: asyncio.Event, inputs: dict | None = None) -> AsyncIterator[str | ChatResult]:
+        """Sample up to ``max_new`` tokens after ``prompt`` with ``body``'s sampling and stop strings;
+        ``inputs`` are more of the model's inputs (a vision model's pixel values)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop_now = threading.Event()
@@ -115,6 +116,7 @@ class TransformersChat:
             streamer=_TokenPipe(loop, queue),
             stopping_criteria=StoppingCriteriaList([_StopWhen(stop_now)]),
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            **(inputs or {}),
         )
         if not greedy:
             kwargs.update(temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p or 1.0, top_k=0)
@@ -146,7 +148,7 @@ async def _texts(tokenizer, queue: asyncio.Queue, stops: list[str], stop_now: th
     ids: list[int] = []
     sent = 0
     holdback = max((len(s) for s in stops), default=1) - 1
-    finish = "length"
+    finish, matched = "length", None
     cancel_wait = asyncio.ensure_future(cancel.wait())
     try:
         while True:
@@ -165,9 +167,9 @@ async def _texts(tokenizer, queue: asyncio.Queue, stops: list[str], stop_now: th
                     finish = "stop"
                     break
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            cut = _first_stop(text, stops)
+            cut, stop = _first_stop(text, stops)
             if cut is not None or finish == "stop":
-                finish = "stop"
+                finish, matched = "stop", stop
                 text = text if cut is None else text[:cut]
                 if len(text) > sent:
                     yield text[sent:]
@@ -186,12 +188,13 @@ async def _texts(tokenizer, queue: asyncio.Queue, stops: list[str], stop_now: th
     finally:
         stop_now.set()
         cancel_wait.cancel()
-    yield ChatResult(finish, prompt_tokens, min(len(ids), max_new))
+    yield ChatResult(finish, prompt_tokens, min(len(ids), max_new), matched)
 
 
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
+def _first_stop(text: str, stops: list[str]) -> tuple[int | None, str | None]:
+    """Where the earliest stop string in ``text`` begins, and which it is; (None, None) if none is there."""
+    found = [(i, s) for s in stops if (i := text.find(s)) >= 0]
+    return min(found) if found else (None, None)
 
 
 def _as_list(value) -> list[int]:
