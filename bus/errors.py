@@ -150,6 +150,36 @@ class DeadlineExceeded(TollgateError):
     code = "deadline_exceeded"
 
 
+class UpstreamFailed(TollgateError):
+    """An upstream provider failed: its connection, a 5xx, or a stream cut short."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_failed"
+
+
+class UpstreamTimeout(TollgateError):
+    """An upstream provider did not answer, or fell silent mid-stream, within its timeouts."""
+
+    status = 504
+    type = "timeout"
+    code = "upstream_timeout"
+
+
+class UpstreamRateLimited(TollgateError):
+    """An upstream provider kept answering 429 after our retries."""
+
+    status = 429
+    type = "requests"
+    code = "upstream_rate_limited"
+
+
+class UpstreamUnavailable(NoCapacity):
+    """An upstream provider refused this gateway itself (its key, its model name): the operator's to fix."""
+
+    code = "upstream_unavailable"
+
+
 class BadEnvelope(Exception):
     """A bus message that must be terminated unrun: malformed, forged, untrusted or expired."""
 

@@ -128,11 +128,14 @@ class Publisher:
 
     @contextlib.asynccontextmanager
     async def submit(self, *, tenant: str, principal: str, model: str, lane: str, kind: str, body: RequestBody,
-                     request_id: str | None = None, hold_micros: int = 0):
+                     request_id: str | None = None, hold_micros: int = 0, deadline: float | None = None,
+                     route: str = "", route_request: str = ""):
         """Publish one signed request and yield its ``Call``; cancel it if left unfinished.
 
         A caller that held credits for the request passes its id and the hold. A body over
-        the blob threshold is stored first and the envelope carries its reference.
+        the blob threshold is stored first and the envelope carries its reference. A route
+        (edge/routing.py) passes the deadline its attempts share, its name and the client's
+        request id.
         """
         self.check_serving(model)
         now = time.time()
@@ -146,10 +149,12 @@ class Publisher:
             model=model,
             lane=lane,
             created=now,
-            deadline=now + self.deadline_s,
+            deadline=deadline or now + self.deadline_s,
             reply=reply_subject(self.publisher_id, request_id),
             body=body,
             hold_micros=hold_micros,
+            route=route,
+            route_request=route_request,
         )
         try:
             envelope = await outline(self.js, envelope, self.blob_threshold)
@@ -157,7 +162,7 @@ class Publisher:
             if exc.err_code == JS_STREAM_FULL:  # nothing queued yet: refused like a full lane
                 raise QueueFull("The gateway's store for large requests is full right now. Try again shortly.") from None
             raise
-        data, headers = seal(envelope, self.identity, self.deadline_s)
+        data, headers = seal(envelope, self.identity, envelope.deadline - now)
         call = Call(envelope, self.silence_s)
         self._calls[request_id] = call
         queued = True  # unless refused: a publish whose answer was lost may have landed

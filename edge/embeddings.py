@@ -34,5 +34,5 @@ async def embeddings(request: web.Request) -> web.Response:
             pass  # embeddings send no deltas: the one frame is the final one
         result = await read_result(publisher.js, final) or final.result  # many vectors come by blob
         headers = {**admitted.limits.headers, REQUEST_ID_HEADER: call.envelope.id}
-        answer = response(final, result, req.model, req.encoding_format)
+        answer = response(final, result, call.envelope.model, req.encoding_format)  # a route's target: who served it
         return web.Response(body=_encode(answer), content_type="application/json", headers=headers)

@@ -25,6 +25,8 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 class Results(Protocol):
     """An endpoint's OpenAI objects for one request (``bus.openai.chat.ChatResults``, ``…completions``)."""
 
+    model: str  # the model named in them: set to the one that served the request once it is known
+
     def completion(self, text: str, final: Final) -> msgspec.Struct:
         """The whole answer."""
         ...
@@ -83,6 +85,7 @@ async def answer(request: web.Request, call: Call, results: Results, *, stream: 
     headers = {**headers, REQUEST_ID_HEADER: call.envelope.id}
     if not stream:
         text = [frame.text async for frame in call.frames()]
+        results.model = call.envelope.model  # who served it: a route's target is known once it answers
         body = _encode(results.completion("".join(text), call.final))
         return web.Response(body=body, content_type="application/json", headers=headers)
     response: web.StreamResponse | None = None
@@ -91,6 +94,7 @@ async def answer(request: web.Request, call: Call, results: Results, *, stream: 
             if response is None:
                 # Headers go out with the first output, so an early failure keeps its real status.
                 response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+                results.model = call.envelope.model  # the target serving a route, now that it is settled
                 await response.prepare(request)
                 for chunk in results.opening():
                     await response.write(_event(chunk))

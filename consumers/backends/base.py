@@ -16,6 +16,8 @@ class ChatResult:
     finish_reason: str  # stop | length | cancelled
     prompt_tokens: int
     completion_tokens: int
+    stop: str | None = None  # the stop sequence that ended the text, when one did
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those a provider's prompt cache served
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Local servers that speak each upstream provider's wire format strictly, for the provider tests."""

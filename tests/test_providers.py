@@ -1,0 +1,249 @@
+"""Provider workers and routes, end to end: the openai SDK -> edge -> provider worker -> a local
+double of each upstream (tests/provider_doubles) -> usage rows in ClickHouse."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import openai
+import pytest
+
+from infra.nats import roles
+from tests.provider_doubles.server import CACHED, KEYS, Behaviour, Double, reply_to, start
+
+MODELS = ("up-gpt", "up-gpt-b", "up-embed", "up-claude", "up-gemini", "up-misconfigured")
+ENV = {"TG_TEST_OPENAI_KEY": KEYS["openai"], "TG_TEST_ANTHROPIC_KEY": KEYS["anthropic"],
+       "TG_TEST_GEMINI_KEY": KEYS["gemini"], "TG_TEST_WRONG_KEY": "sk-wrong-key-0badc0ffee"}
+QUESTION = "what is the capital of France"
+ANSWER = "".join(reply_to(QUESTION))
+PROMPT_WORDS = len(QUESTION.split())
+
+
+@pytest.fixture(scope="module")
+async def double(stack):
+    double = Double()
+    runner = await start(double, "127.0.0.77", 18931)  # the address tests/stack_models/providers.toml names
+    for model in MODELS:
+        stack.spawn(roles.worker_role(model), "worker", "--model", model, env=ENV)
+    for model in MODELS:
+        await asyncio.to_thread(stack.wait_serving, model, timeout=60)
+    yield double
+    await runner.cleanup()
+
+
+@pytest.fixture
+def fresh(double):
+    double.reset()
+    return double
+
+
+async def rows(ch, where: str, params: dict, expect: int, timeout: float = 15.0) -> list[dict]:
+    keys = ("request_id", "model", "status", "error_code", "input_units", "cached_input_units", "output_units",
+            "cost_micros", "route", "route_request_id")
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await ch.query(f"SELECT {', '.join(keys)} FROM usage_events FINAL WHERE {where} ORDER BY started_at",
+                               params)
+        if len(found) >= expect or time.monotonic() > deadline:
+            return [dict(zip(keys, r)) for r in found]
+        await asyncio.sleep(0.2)
+
+
+def request_id(completion) -> str:
+    return completion.id.split("-", 1)[1]
+
+
+# -- each wire format, streamed and not --------------------------------------------
+
+
+@pytest.mark.parametrize("model, prices", [("up-gpt", (3, 1, 7)), ("up-claude", (5, 1, 11)), ("up-gemini", (2, 1, 4))])
+async def test_chat_whole_and_streamed_with_the_upstreams_usage(model, prices, fresh, client, clickhouse):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": QUESTION}]
+    whole = await client.chat.completions.create(model=model, messages=messages, max_tokens=50)
+    assert whole.choices[0].message.content == ANSWER
+    assert whole.model == model and whole.choices[0].finish_reason == "stop"
+    chunks = [c async for c in await client.chat.completions.create(
+        model=model, messages=messages, max_tokens=50, stream=True, stream_options={"include_usage": True})]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # streamed, not one piece
+    assert chunks[-1].usage.completion_tokens == len(reply_to(QUESTION)) == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    # The upstream's usage, its cached prompt tokens priced at the cached price.
+    found = await rows(clickhouse, "request_id IN {ids:Array(String)}",
+                       {"ids": [request_id(whole), request_id(chunks[0])]}, 2)
+    input_price, cached_price, output_price = prices
+    for row in found:
+        assert row["model"] == model and row["status"] == "ok" and row["route"] == ""
+        assert (row["input_units"], row["cached_input_units"], row["output_units"]) == (
+            whole.usage.prompt_tokens, CACHED, whole.usage.completion_tokens)
+        assert row["cost_micros"] == ((row["input_units"] - CACHED) * input_price + CACHED * cached_price
+                                      + row["output_units"] * output_price)
+
+
+async def test_what_the_upstreams_received(fresh, client):
+    await client.chat.completions.create(model="up-claude", messages=[
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], temperature=1.5, stop=["x"])
+    await client.chat.completions.create(model="up-gemini", messages=[
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], max_tokens=3, top_p=0.5)
+    claude, gemini = fresh.received[-2]["body"], fresh.received[-1]["body"]
+    assert claude["system"] == "be brief" and claude["messages"] == [{"role": "user", "content": "hi"}]
+    assert claude["temperature"] == 1.0 and claude["stop_sequences"] == ["x"] and claude["max_tokens"] == 1024
+    assert gemini["systemInstruction"] == {"parts": [{"text": "be brief"}]}
+    assert gemini["contents"] == [{"role": "user", "parts": [{"text": "hi"}]}]
+    assert gemini["generationConfig"] == {"maxOutputTokens": 3, "topP": 0.5}
+
+
+async def test_completions_and_embeddings_through_an_openai_compatible_upstream(fresh, client, clickhouse):
+    done = await client.completions.create(model="up-gpt", prompt=QUESTION, max_tokens=50)
+    assert done.choices[0].text == ANSWER
+    streamed = [c async for c in await client.completions.create(model="up-gpt", prompt=QUESTION, max_tokens=50,
+                                                                  stream=True)]
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == ANSWER
+    vectors = await client.embeddings.create(model="up-embed", input=["one two", "three"])
+    assert [v.embedding[:2] for v in vectors.data] == [[7.0, 8.0], [5.0, 6.0]]
+    assert vectors.usage.prompt_tokens == 3
+    found = await rows(clickhouse, "model = 'up-embed' AND status = 'ok'", {}, 1)
+    assert found[-1]["input_units"] == 3 and found[-1]["cost_micros"] == 6
+
+
+async def test_a_chat_only_upstream_refuses_raw_prompts_with_a_400(fresh, client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.completions.create(model="up-claude", prompt="hello")
+    assert caught.value.body["param"] == "model"
+
+
+# -- errors ------------------------------------------------------------------------
+
+
+async def test_an_upstream_400_is_the_clients_and_a_tool_message_is_refused_before_it(fresh, client, clickhouse):
+    fresh.plan("gpt-test", Behaviour("status", 400))
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model="up-gpt", messages=[{"role": "user", "content": "hi"}])
+    assert "scripted 400" in caught.value.message
+    assert fresh.calls["gpt-test"] == 1  # a client's mistake is not retried
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model="up-claude", messages=[{"role": "tool", "content": "x"}])
+    assert caught.value.body["param"] == "messages[0].role" and fresh.calls["claude-test"] == 0
+
+
+async def test_429_with_retry_after_is_honoured_then_answered(fresh, client):
+    fresh.plan("gpt-test", Behaviour("status", 429, retry_after="1"))
+    started = time.monotonic()
+    done = await client.chat.completions.create(model="up-gpt", messages=[{"role": "user", "content": QUESTION}])
+    assert done.choices[0].message.content == ANSWER
+    assert time.monotonic() - started >= 1.0 and fresh.calls["gpt-test"] == 2
+
+
+async def test_an_upstream_that_keeps_failing_is_a_502_after_its_retries(fresh, client, clickhouse):
+    fresh.plan("gpt-test", Behaviour("status", 500), Behaviour("status", 503))
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.chat.completions.create(model="up-gpt", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502 and caught.value.body["code"] == "upstream_failed"
+    assert fresh.calls["gpt-test"] == 2  # attempts = 2
+    found = await rows(clickhouse, "request_id = {id:String}", {"id": caught.value.response.headers["x-request-id"]}, 1)
+    assert found[0]["status"] == "error" and found[0]["error_code"] == "upstream_failed" and found[0]["cost_micros"] == 0
+
+
+async def test_a_provider_key_never_leaves_the_worker(fresh, stack, client, clickhouse, nc):
+    seen: list[bytes] = []
+
+    async def envelope(msg) -> None:
+        seen.append(msg.data + repr(msg.headers).encode())
+    sub = await nc.subscribe("tg.req.>", cb=envelope)
+    with pytest.raises(openai.APIStatusError) as caught:  # the double quotes the wrong key back, as OpenAI does
+        await client.chat.completions.create(model="up-misconfigured", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 503 and caught.value.body["code"] == "upstream_unavailable"
+    [c async for c in await client.chat.completions.create(model="up-gpt", messages=[{"role": "user", "content": "hi"}],
+                                                           stream=True)]
+    await sub.unsubscribe()
+    assert fresh.received[-2]["headers"]["Authorization"] == f"Bearer {ENV['TG_TEST_WRONG_KEY']}"  # it was sent
+    secrets = [*KEYS.values(), ENV["TG_TEST_WRONG_KEY"]]
+    found = await rows(clickhouse, "model IN ('up-misconfigured', 'up-gpt')", {}, 2)
+    logs = b"".join(path.read_bytes() for path in stack.tmp.glob("*.log"))
+    assert seen and logs
+    for secret in secrets:
+        assert secret not in caught.value.response.text
+        assert all(secret.encode() not in message for message in seen)
+        assert secret not in repr(found)
+        assert secret.encode() not in logs
+
+
+# -- timeouts and broken streams ---------------------------------------------------
+
+
+async def test_a_slow_first_byte_times_out_and_the_route_falls_back(fresh, client, clickhouse):
+    fresh.plan("gpt-test", Behaviour("slow", delay=3.0), Behaviour("slow", delay=3.0))
+    done = await client.chat.completions.create(model="up-route", messages=[{"role": "user", "content": QUESTION}])
+    assert done.choices[0].message.content == ANSWER and done.model == "up-gpt-b"
+    found = await rows(clickhouse, "route_request_id = {id:String}", {"id": request_id(done)}, 2)
+    assert [(r["model"], r["status"], r["error_code"]) for r in found] == [
+        ("up-gpt", "error", "upstream_timeout"), ("up-gpt-b", "ok", None)]
+
+
+async def test_a_stream_cut_before_its_first_token_falls_back(fresh, client):
+    fresh.plan("gpt-test", Behaviour("drop", pieces=0), Behaviour("drop", pieces=0))
+    chunks = [c async for c in await client.chat.completions.create(
+        model="up-route", messages=[{"role": "user", "content": QUESTION}], stream=True)]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
+    assert {c.model for c in chunks} == {"up-gpt-b"}
+
+
+async def test_a_stream_cut_after_its_first_token_is_an_error_not_a_silent_fallback(fresh, client, clickhouse):
+    fresh.plan("gpt-test", Behaviour("drop", pieces=2))
+    stream = await client.chat.completions.create(model="up-route", messages=[{"role": "user", "content": QUESTION}],
+                                                  stream=True)
+    text = []
+    with pytest.raises(openai.APIError):
+        async for chunk in stream:
+            text.extend(c.delta.content or "" for c in chunk.choices)
+    assert "".join(text) == "".join(reply_to(QUESTION)[:2])
+    assert fresh.calls["gpt-backup"] == 0
+
+
+# -- routes --------------------------------------------------------------------------
+
+
+async def test_fallback_bills_once_and_the_breaker_opens_then_closes(fresh, client, clickhouse):
+    fresh.plan("gpt-test", *[Behaviour("status", 500)] * 4)  # two requests' worth of tries (attempts = 2)
+    served = []
+    for _ in range(2):
+        done = await client.chat.completions.create(model="up-route-breaker", messages=[{"role": "user", "content": QUESTION}])
+        served.append(done.model)
+    assert served == ["up-gpt-b", "up-gpt-b"] and fresh.calls["gpt-test"] == 4
+    found = await rows(clickhouse, "route_request_id = {id:String}", {"id": request_id(done)}, 2)
+    assert [(r["model"], r["status"], r["route"]) for r in found] == [("up-gpt", "error", "up-route-breaker"),
+                                                                      ("up-gpt-b", "ok", "up-route-breaker")]
+    assert found[0]["cost_micros"] == 0 and found[1]["cost_micros"] > 0  # billed once
+    assert found[0]["request_id"] == request_id(done)  # the client's id is the first attempt's
+    # Two failures in a row: the breaker is open, and up-gpt is not tried while it cools down.
+    done = await client.chat.completions.create(model="up-route-breaker", messages=[{"role": "user", "content": QUESTION}])
+    assert done.model == "up-gpt-b" and fresh.calls["gpt-test"] == 4
+    # After the cool-down one request probes it; it answers, and the breaker closes.
+    await asyncio.sleep(2.0)
+    probed = await client.chat.completions.create(model="up-route-breaker", messages=[{"role": "user", "content": QUESTION}])
+    assert probed.model == "up-gpt" and fresh.calls["gpt-test"] == 5
+    again = await client.chat.completions.create(model="up-route-breaker", messages=[{"role": "user", "content": QUESTION}])
+    assert again.model == "up-gpt"
+
+
+async def test_a_route_with_every_target_failing_gives_the_last_error(fresh, client):
+    fresh.plan("gpt-test", *[Behaviour("status", 429)] * 2)
+    fresh.plan("gpt-backup", *[Behaviour("status", 429)] * 2)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(model="up-route", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["code"] == "upstream_rate_limited"
+    assert fresh.calls["gpt-test"] == fresh.calls["gpt-backup"] == 2
+
+
+async def test_one_provider_worker_runs_many_requests_at_once(fresh, client):
+    n = 60  # under the default tier's 64 in flight
+    fresh.plan("gpt-test", *[Behaviour("slow", delay=0.5)] * n)  # one at a time would take 30 s
+
+    async def one(i: int) -> str:
+        done = await client.chat.completions.create(model="up-gpt", messages=[{"role": "user", "content": f"n {i}"}])
+        return done.choices[0].message.content
+    started = time.monotonic()
+    answers = await asyncio.gather(*(one(i) for i in range(n)))
+    assert answers == ["".join(reply_to(f"n {i}")) for i in range(n)]
+    assert fresh.calls["gpt-test"] == n and time.monotonic() - started < 10
