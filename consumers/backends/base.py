@@ -6,7 +6,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol, runtime_checkable
 
-from bus.protocol import ChatBody, ChatMessage, CompletionBody, EmbeddingsBody
+from bus.protocol import (ImagesBody, ChatBody, ChatMessage, CompletionBody, EmbeddingsBody, SpeechBody, TranscriptionBody,
+                          TranscriptionResult)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,50 @@ class EmbeddingsBackend(Backend, Protocol):
 
     async def embed(self, body: EmbeddingsBody, cancel: asyncio.Event) -> Embedded | None:
         """Embed ``body.inputs`` in order, or return None once ``cancel`` is set before they are done.
+
+        Must never block the event loop.
+        """
+        ...
+
+
+class TranscriptionBackend(Backend, Protocol):
+    """Turns speech into text for one loaded model."""
+
+    async def transcribe(self, body: TranscriptionBody, cancel: asyncio.Event) -> TranscriptionResult | None:
+        """Transcribe (or translate) ``body.audio``, or return None once ``cancel`` is set before it is done.
+
+        Must never block the event loop.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class Spoken:
+    """A speech backend's piece of audio: 16-bit little-endian mono PCM at its ``sample_rate``, and the
+    characters of the input it reads (the pieces' characters add up to the whole input's)."""
+
+    pcm: bytes
+    characters: int
+
+
+class SpeechBackend(Backend, Protocol):
+    """Reads text aloud for one loaded model."""
+
+    sample_rate: int
+
+    def speak(self, body: SpeechBody, cancel: asyncio.Event) -> AsyncIterator[Spoken]:
+        """Yield ``body.input``'s audio in order, piece by piece as it is made; stop soon after ``cancel``.
+
+        Must never block the event loop.
+        """
+        ...
+
+
+class ImagesBackend(Backend, Protocol):
+    """Draws images for one loaded diffusion model."""
+
+    async def draw(self, body: ImagesBody, cancel: asyncio.Event) -> list[bytes] | None:
+        """``body.n`` PNGs of ``body.width`` x ``body.height``, or None once ``cancel`` is set before they are done.
 
         Must never block the event loop.
         """
