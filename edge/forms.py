@@ -49,6 +49,18 @@ class Form:
             raise invalid(str(exc)) from None
 
 
+def takes_form(handler: T) -> T:
+    """Mark a route whose body is a multipart form: ``edge.errors.check_body`` lets such a body through
+    to it, and refuses it on the JSON routes."""
+    handler.takes_form = True
+    return handler
+
+
+def route_takes_form(request: web.Request) -> bool:
+    """Whether the route ``request`` was matched to reads a multipart form (``takes_form``)."""
+    return getattr(request.match_info.handler, "takes_form", False)
+
+
 async def read_form(request: web.Request, file_fields: frozenset[str]) -> Form:
     """Read a ``multipart/form-data`` body: parts named in ``file_fields`` as files, the rest as text.
 
