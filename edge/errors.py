@@ -11,6 +11,7 @@ from aiohttp import web
 
 from bus.errors import InvalidRequest, NoCapacity, PayloadTooLarge, TollgateError
 from bus.openai.errors import ErrorBody, ErrorResponse
+from edge.forms import route_takes_form
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ def check_body(request: web.Request) -> None:
     if request.method not in ("POST", "PUT", "PATCH") or not request.body_exists:
         return
     kind = request.content_type  # aiohttp's default when the header is absent is octet-stream
-    if kind not in _JSON_TYPES and not kind.endswith("+json"):
+    upload = kind == "multipart/form-data" and route_takes_form(request)  # edge.forms reads it, every part bounded
+    if not upload and kind not in _JSON_TYPES and not kind.endswith("+json"):
         raise InvalidRequest(f"Content-Type {kind} is not supported: send a JSON body with "
                              "Content-Type: application/json.", code="unsupported_content_type")
     if (request.content_length or 0) > request.client_max_size:
