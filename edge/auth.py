@@ -24,13 +24,17 @@ class Principal:
 
 
 def bearer(request: web.Request) -> str:
+    """The key a request presents: ``Authorization: Bearer KEY``, or ``x-api-key: KEY`` as Anthropic's clients send it."""
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        raise AuthenticationFailed(
-            "You didn't provide an API key. Provide it in the Authorization header as 'Bearer YOUR_KEY'.",
-            code="missing_api_key",
-        )
-    return value.strip()
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    if key := request.headers.get("x-api-key", "").strip():
+        return key
+    raise AuthenticationFailed(
+        "You didn't provide an API key. Provide it in the Authorization header as 'Bearer YOUR_KEY' "
+        "(or in the x-api-key header).",
+        code="missing_api_key",
+    )
 
 
 class Authenticator:

@@ -1,14 +1,17 @@
-"""Every error leaves the edge here, OpenAI-shaped: ``{"error": {message, type, param, code}}``."""
+"""Every error leaves the edge here, OpenAI-shaped: ``{"error": {message, type, param, code}}``; on
+Anthropic's routes (``/v1/messages``) Anthropic-shaped: ``{"type": "error", "error": {type, message}}``."""
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Callable
 
 import msgspec
 import nats.errors
 from aiohttp import web
 
+from bus.anthropic.errors import error_body as anthropic_error_body
 from bus.errors import InvalidRequest, NoCapacity, PayloadTooLarge, TollgateError
 from bus.openai.errors import ErrorBody, ErrorResponse
 from edge.forms import route_takes_form
@@ -44,8 +47,23 @@ def _error_json(exc: TollgateError) -> bytes:
     return msgspec.json.encode(ErrorResponse(ErrorBody(exc.message, exc.type, exc.param, exc.code)))
 
 
-def error_response(exc: TollgateError, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=exc.status, body=_error_json(exc), content_type="application/json", headers=headers)
+def _anthropic_json(exc: TollgateError) -> bytes:
+    # Anthropic's body has no ``param``: the message names the field, as Anthropic's own do ("max_tokens: ...").
+    message = exc.message if not exc.param or exc.param in exc.message else f"{exc.param}: {exc.message}"
+    return msgspec.json.encode(anthropic_error_body(exc.status, message))
+
+
+# Where Anthropic's clients call: their errors take Anthropic's shape (the status and the mapping are the same).
+ANTHROPIC_PATHS = "/v1/messages"
+
+
+def _shape(request: web.Request) -> Callable[[TollgateError], bytes]:
+    return _anthropic_json if request.path.startswith(ANTHROPIC_PATHS) else _error_json
+
+
+def error_response(exc: TollgateError, headers: dict[str, str] | None = None,
+                   shape: Callable[[TollgateError], bytes] = _error_json) -> web.Response:
+    return web.Response(status=exc.status, body=shape(exc), content_type="application/json", headers=headers)
 
 
 def error_event(exc: TollgateError) -> bytes:
@@ -53,12 +71,18 @@ def error_event(exc: TollgateError) -> bytes:
     return b"data: " + _error_json(exc) + b"\n\n"
 
 
+def anthropic_error_event(exc: TollgateError) -> bytes:
+    """The SSE event that reports an error after an Anthropic stream has begun (the SDK raises it)."""
+    return b"event: error\ndata: " + _anthropic_json(exc) + b"\n\n"
+
+
 _HTTP_TYPES = {404: ("invalid_request_error", "unknown_url"), 405: ("invalid_request_error", "method_not_allowed")}
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler):
-    """Map typed errors, aiohttp's own HTTP errors and any bug to one OpenAI-shaped body."""
+    """Map typed errors, aiohttp's own HTTP errors and any bug to one error body, shaped for the route's API."""
+    shape = _shape(request)
     try:
         check_body(request)
         return await handler(request)
@@ -68,20 +92,20 @@ async def error_middleware(request: web.Request, handler):
             headers["x-request-id"] = exc.request_id
         if getattr(exc, "retry_after_s", None) is not None:  # rate limits, a full queue
             headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
-        return error_response(exc, headers or None)
+        return error_response(exc, headers or None, shape)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         if exc.status == 413:  # aiohttp's own, for a body sent without a Content-Length
-            return error_response(_too_large(request.client_max_size))
+            return error_response(_too_large(request.client_max_size), shape=shape)
         type_, code = _HTTP_TYPES.get(exc.status, ("invalid_request_error", None))
         err = TollgateError(f"{exc.reason}: {request.method} {request.path}", code=code)
         err.status, err.type = exc.status, type_
-        return error_response(err)
+        return error_response(err, shape=shape)
     except nats.errors.Error:
         log.exception("the bus failed on %s %s", request.method, request.path)
         return error_response(NoCapacity("The gateway's message bus is unavailable right now. Try again shortly.",
-                                         code="bus_unavailable"))
+                                         code="bus_unavailable"), shape=shape)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(TollgateError("The server had an error while processing your request."))
+        return error_response(TollgateError("The server had an error while processing your request."), shape=shape)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator, Protocol
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Protocol
 
 import msgspec
 import nats.errors
@@ -79,9 +80,25 @@ async def published(publisher: Publisher, gate: Gate, admitted: Admitted, *, kin
         await asyncio.shield(release)
 
 
+@dataclass(frozen=True)
+class Events:
+    """How a stream's chunks, its end and an error after it began are written as server-sent events."""
+
+    chunk: Callable[[msgspec.Struct], bytes]
+    done: bytes
+    error: Callable[[TollgateError], bytes]
+
+
+def _event(chunk: msgspec.Struct) -> bytes:
+    return b"data: " + _encode(chunk) + b"\n\n"
+
+
+OPENAI_EVENTS = Events(_event, b"data: [DONE]\n\n", error_event)
+
+
 async def answer(request: web.Request, call: Call, results: Results, *, stream: bool,
-                 headers: dict[str, str]) -> web.StreamResponse:
-    """The call's frames as one JSON answer, or as server-sent events when ``stream``."""
+                 headers: dict[str, str], events: Events = OPENAI_EVENTS) -> web.StreamResponse:
+    """The call's frames as one JSON answer, or as server-sent events (OpenAI's unless ``events``) when ``stream``."""
     headers = {**headers, REQUEST_ID_HEADER: call.envelope.id}
     if not stream:
         text = [frame.text async for frame in call.frames()]
@@ -97,19 +114,16 @@ async def answer(request: web.Request, call: Call, results: Results, *, stream: 
                 results.model = call.envelope.model  # the target serving a route, now that it is settled
                 await response.prepare(request)
                 for chunk in results.opening():
-                    await response.write(_event(chunk))
+                    await response.write(events.chunk(chunk))
             if frame.text:
-                await response.write(_event(results.delta(frame.text)))
+                await response.write(events.chunk(results.delta(frame.text)))
         for chunk in results.closing(call.final):
-            await response.write(_event(chunk))
-        await response.write(b"data: [DONE]\n\n")
+            await response.write(events.chunk(chunk))
+        if events.done:
+            await response.write(events.done)
     except TollgateError as exc:
         if response is None:
             raise
-        await response.write(error_event(exc))
+        await response.write(events.error(exc))
     await response.write_eof()
     return response
-
-
-def _event(chunk: msgspec.Struct) -> bytes:
-    return b"data: " + _encode(chunk) + b"\n\n"

@@ -39,7 +39,7 @@ routes = web.RouteTableDef()
 async def tokenize(request: web.Request) -> web.Response:
     principal = request.config_dict[AUTH].authenticate(request, "tokenize")
     req = decode_body(await request.read(), TokenizeRequest)
-    answer = await _ask(request, principal, req.model, tokenize_ask(req))
+    answer = await ask_worker(request, principal, req.model, tokenize_ask(req))
     context = request.config_dict[SETTINGS].models[req.model].context_tokens
     return _json(TokenizeResponse(answer.tokens, len(answer.tokens), context))
 
@@ -48,11 +48,11 @@ async def tokenize(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     principal = request.config_dict[AUTH].authenticate(request, "tokenize")
     req = decode_body(await request.read(), DetokenizeRequest)
-    answer = await _ask(request, principal, req.model, detokenize_ask(req))
+    answer = await ask_worker(request, principal, req.model, detokenize_ask(req))
     return _json(DetokenizeResponse(answer.text))
 
 
-async def _ask(request: web.Request, principal: Principal, model: str, ask: TokenizerAsk) -> TokenizeAnswer:
+async def ask_worker(request: web.Request, principal: Principal, model: str, ask: TokenizerAsk) -> TokenizeAnswer:
     """Admit (no tokens charged) and ask a worker of ``model``; its error is raised."""
     publisher = request.config_dict[PUBLISHER]
     gate = request.config_dict[GATE]
