@@ -19,8 +19,9 @@ def _json(value) -> web.Response:
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
     principal = request.config_dict[AUTH].authenticate(request, "models")
-    models = request.config_dict[SETTINGS].models
-    return _json(ModelList([model_card(name, spec) for name, spec in models.items()
+    settings = request.config_dict[SETTINGS]
+    names = [*settings.models, *settings.routes]  # a route is listed as the model it stands for
+    return _json(ModelList([model_card(name, settings.model(name)) for name in names
                             if principal.policy(name).model_allowed]))
 
 

@@ -9,8 +9,13 @@ import time
 import openai
 import pytest
 
+from bus.account import credits
+from bus.settings import RouteSettings, RouteTarget
+from edge.routing import ordered
 from infra.nats import roles
+from tests.conftest import eventually
 from tests.provider_doubles.server import CACHED, KEYS, Behaviour, Double, reply_to, start
+from tests.test_credits import _grant, _prepaid_tenant
 
 MODELS = ("up-gpt", "up-gpt-b", "up-embed", "up-claude", "up-gemini", "up-misconfigured")
 ENV = {"TG_TEST_OPENAI_KEY": KEYS["openai"], "TG_TEST_ANTHROPIC_KEY": KEYS["anthropic"],
@@ -247,3 +252,38 @@ async def test_one_provider_worker_runs_many_requests_at_once(fresh, client):
     answers = await asyncio.gather(*(one(i) for i in range(n)))
     assert answers == ["".join(reply_to(f"n {i}")) for i in range(n)]
     assert fresh.calls["gpt-test"] == n and time.monotonic() - started < 10
+
+
+async def test_a_route_falls_back_to_one_of_our_own_models_and_is_listed(fresh, client):
+    fresh.plan("gpt-test", *[Behaviour("status", 503)] * 2)
+    done = await client.chat.completions.create(model="up-route-own", max_tokens=4,
+                                                messages=[{"role": "user", "content": "Say hi"}])
+    assert done.model == "smollm2-135m" and done.choices[0].message.content
+    listed = {m.id for m in (await client.models.list()).data}
+    assert {"up-route", "up-route-own", "up-gpt"} <= listed
+
+
+async def test_a_prepaid_tenant_pays_once_for_a_request_that_fell_back(fresh, stack, nc, meter, clickhouse):
+    tenant = "prepaid-routed"
+    key = await _prepaid_tenant(stack, tenant)
+    await _grant(stack, nc, tenant, 1_000_000, kind="topup")
+    fresh.plan("gpt-test", *[Behaviour("status", 500)] * 2)
+    done = await stack.client(api_key=key).chat.completions.create(
+        model="up-route", max_tokens=20, messages=[{"role": "user", "content": QUESTION}])
+    assert done.model == "up-gpt-b"
+    found = await rows(clickhouse, "route_request_id = {id:String}", {"id": request_id(done)}, 2)
+    failed, served = found
+    assert failed["cost_micros"] == 0 and served["cost_micros"] > 0
+
+    async def settled():  # both attempts' holds given back, less what the one that answered cost
+        return await credits.available(nc.jetstream(), tenant) == 1_000_000 - served["cost_micros"]
+    await eventually(settled)
+
+
+def test_targets_are_tried_by_priority_and_equals_by_weight():
+    route = RouteSettings(targets=[RouteTarget("a", weight=3, priority=0), RouteTarget("b", weight=1, priority=0),
+                                   RouteTarget("c")])
+    orders = [ordered(route) for _ in range(4000)]
+    assert all(order[2] == "c" for order in orders)  # priority 2 (its place): after both equals
+    share = sum(order[0] == "a" for order in orders) / len(orders)
+    assert 0.70 < share < 0.80  # weight 3 of 4
