@@ -34,6 +34,8 @@ from bus.subjects import REQUEST_BLOBS_BUCKET, RESULT_BLOBS_BUCKET
 BLOB_THRESHOLD_BYTES = 256 * 1024
 # The object store's own default chunk: well under any nats-server's max_payload.
 CHUNK_BYTES = 128 * 1024
+# JetStream's error code when a publish's expected last sequence is not the subject's last.
+_WRONG_LAST_SEQUENCE = 10071
 
 _body_decoder = msgspec.msgpack.Decoder(RequestBody)
 
@@ -81,7 +83,10 @@ async def get(js: JetStreamContext, ref: BlobRef) -> bytes:
     stream = blob_stream(ref.bucket)
     try:
         meta = await js.get_last_msg(stream, _meta_subject(ref.bucket, ref.name), direct=True)
-        chunks = f"$O.{ref.bucket}.C.{json.loads(meta.data)['nuid']}"
+        info = json.loads(meta.data)
+        if info.get("deleted"):
+            raise BlobMismatch(f"blob {ref.bucket}/{ref.name} was deleted")
+        chunks = f"$O.{ref.bucket}.C.{info['nuid']}"
     except nats.js.errors.NotFoundError:
         raise BlobMismatch(f"blob {ref.bucket}/{ref.name} not found") from None
     except (ValueError, TypeError, KeyError):
@@ -97,6 +102,33 @@ async def get(js: JetStreamContext, ref: BlobRef) -> bytes:
     if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
         raise BlobMismatch(f"blob {ref.bucket}/{ref.name} does not match its reference (size or sha256)")
     return bytes(data)
+
+
+async def take(js: JetStreamContext, ref: BlobRef) -> bytes:
+    """The object ``ref`` names, read once: the reader that gets it deletes it, and every other
+    reader, concurrent or later, gets ``BlobMismatch``.
+
+    The delete is the object store's (a meta record saying ``deleted``), published only if the
+    meta record is still the one this reader found (``Nats-Expected-Last-Subject-Sequence``), so
+    of two readers racing exactly one wins. The chunks lapse with the bucket's TTL: writers hold
+    no purge right.
+    """
+    subject = _meta_subject(ref.bucket, ref.name)
+    try:
+        found = await js.get_last_msg(blob_stream(ref.bucket), subject, direct=True)
+    except nats.js.errors.NotFoundError:
+        raise BlobMismatch(f"blob {ref.bucket}/{ref.name} not found") from None
+    data = await get(js, ref)
+    tombstone = {"name": ref.name, "bucket": ref.bucket, "deleted": True, "size": 0, "chunks": 0,
+                 "mtime": datetime.now(timezone.utc).isoformat()}
+    headers = {"Nats-Rollup": "sub", "Nats-Expected-Last-Subject-Sequence": str(found.seq)}
+    try:
+        await js.publish(subject, json.dumps(tombstone).encode(), headers=headers)
+    except nats.js.errors.BadRequestError as exc:
+        if exc.err_code != _WRONG_LAST_SEQUENCE:
+            raise
+        raise BlobMismatch(f"blob {ref.bucket}/{ref.name} was taken by another reader") from None
+    return data
 
 
 async def outline(js: JetStreamContext, envelope: Envelope, threshold: int) -> Envelope:

@@ -63,6 +63,13 @@ def _cmd_models_pull(settings: Settings, args) -> int:
     return 0
 
 
+def _cmd_models_tiny_diffusion(settings: Settings, args) -> int:
+    from consumers.tiny_diffusion import build_tiny_diffusion
+
+    print(build_tiny_diffusion(Path(args.directory)))
+    return 0
+
+
 def _cmd_models_list(settings: Settings, args) -> int:
     for name, spec in settings.models.items():
         print(f"{name}\t{spec.kind}\t{spec.backend}\t{spec.source}")
@@ -218,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("names", nargs="*", help="models to pull (default: all configured)")
     pull.set_defaults(run=_cmd_models_pull)
     models.add_parser("list", help="list configured models").set_defaults(run=_cmd_models_list)
+    tiny = models.add_parser("tiny-diffusion", help="write a tiny random Stable Diffusion pipeline (it draws noise) "
+                                                    "to a directory, for tests and trying the images endpoints")
+    tiny.add_argument("directory")
+    tiny.set_defaults(run=_cmd_models_tiny_diffusion)
 
     sub.add_parser("provision", help="create or update the streams and buckets").set_defaults(run=_cmd_provision)
     issuers = sub.add_parser("issuers", help="who may publish work").add_subparsers(dest="issuers_command", required=True)
