@@ -125,3 +125,6 @@ async def serve_model(settings: Settings, model: str, backend: Backend | None = 
         await Worker(settings, model, backend, nc, identity).run(stop)
     finally:
         await nc.drain()
+        close = getattr(backend, "close", None)  # a provider's pooled connections
+        if close is not None:
+            await close()

@@ -14,7 +14,7 @@ from bus.errors import InvalidRequest, UpstreamFailed
 from bus.protocol import ChatBody, ChatMessage, CompletionBody
 from bus.settings import ModelSpec
 from consumers.backends.base import ChatResult
-from consumers.backends.providers.http import Upstream, decoder
+from consumers.backends.providers.http import Forwarding, Upstream, decoder
 
 API_VERSION = "2023-06-01"
 # Anthropic's temperature runs from 0 to 1; OpenAI's to 2. Above 1 is sent as 1.
@@ -74,14 +74,14 @@ def auth_headers(key: str) -> dict[str, str]:
     return {"x-api-key": key, "anthropic-version": API_VERSION}
 
 
-class AnthropicMessages:
+class AnthropicMessages(Forwarding):
     """A chat model behind Anthropic's Messages API."""
 
     kinds = frozenset({"chat", "completions"})
 
     def __init__(self, spec: ModelSpec, upstream: Upstream):
         self._model, self._max_tokens = spec.upstream_model, spec.default_max_tokens
-        self._up = upstream
+        super().__init__(upstream)
 
     async def complete(self, body: CompletionBody, cancel: asyncio.Event) -> AsyncIterator[str | ChatResult]:
         raise InvalidRequest("This model is served through Anthropic's Messages API, which continues chats, "

@@ -14,7 +14,7 @@ from bus.errors import InvalidRequest, UpstreamFailed
 from bus.protocol import ChatBody, CompletionBody
 from bus.settings import ModelSpec
 from consumers.backends.base import ChatResult
-from consumers.backends.providers.http import Upstream, decoder
+from consumers.backends.providers.http import Forwarding, Upstream, decoder
 
 Count = Annotated[int, Meta(ge=0, le=2**40)]
 # finishReason: STOP ended the text; MAX_TOKENS hit the cap; the rest (SAFETY, RECITATION, …) filtered it.
@@ -56,14 +56,14 @@ def auth_headers(key: str) -> dict[str, str]:
     return {"x-goog-api-key": key}
 
 
-class GeminiChat:
+class GeminiChat(Forwarding):
     """A chat model behind Google's Gemini API."""
 
     kinds = frozenset({"chat", "completions"})
 
     def __init__(self, spec: ModelSpec, upstream: Upstream):
         self._path = f"/models/{quote(spec.upstream_model, safe='')}"
-        self._up = upstream
+        super().__init__(upstream)
 
     async def complete(self, body: CompletionBody, cancel: asyncio.Event) -> AsyncIterator[str | ChatResult]:
         raise InvalidRequest("This model is served through Gemini's generateContent, which continues chats, "

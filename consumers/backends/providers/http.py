@@ -94,13 +94,15 @@ class Upstream:
 
     async def _events(self, response: aiohttp.ClientResponse, cancel: asyncio.Event) -> AsyncIterator[tuple[str, bytes]]:
         event, data = "", []
+        # Headers may come at once and the first token much later: until it, the first-byte timeout applies.
+        wait, started = self.settings.first_byte_timeout_s, False
         while True:
             try:
-                async with asyncio.timeout(self.settings.idle_timeout_s):
+                async with asyncio.timeout(wait):
                     line = await response.content.readline(max_line_length=MAX_LINE_BYTES)
             except TimeoutError:
-                raise UpstreamTimeout(f"The upstream provider fell silent for {self.settings.idle_timeout_s:g}s "
-                                      "mid-stream.") from None
+                raise UpstreamTimeout(f"The upstream provider fell silent for {wait:g}s "
+                                      f"{'mid-stream' if started else 'before its first event'}.") from None
             except (aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError, OSError):
                 if cancel.is_set():
                     return
@@ -113,6 +115,7 @@ class Upstream:
             if not line:
                 if data:
                     yield event or "message", b"\n".join(data)
+                    wait, started = self.settings.idle_timeout_s, True
                 event, data = "", []
             elif line.startswith(b"data:"):
                 data.append(line[5:].removeprefix(b" "))
@@ -208,6 +211,17 @@ class Upstream:
     def scrub(self, text: str) -> str:
         """``text`` with our API key, if it holds it, replaced."""
         return text.replace(self._secret, "[redacted]") if self._secret else text
+
+
+class Forwarding:
+    """What every provider backend is: a model served by its upstream, whose connections close with it."""
+
+    def __init__(self, upstream: Upstream):
+        self._up = upstream
+
+    async def close(self) -> None:
+        """Close the pooled connections (the worker is stopping)."""
+        await self._up.close()
 
 
 def _backoff(exc: TollgateError, attempt: int, s: ProviderSettings) -> float | None:

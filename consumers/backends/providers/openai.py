@@ -16,7 +16,7 @@ from bus.errors import UpstreamFailed
 from bus.protocol import ChatBody, CompletionBody, EmbeddingsBody
 from bus.settings import ModelSpec
 from consumers.backends.base import ChatResult, Embedded
-from consumers.backends.providers.http import Upstream, decoder
+from consumers.backends.providers.http import Forwarding, Upstream, decoder
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,13 @@ _embeddings = decoder(_Embeddings)
 _FINISH = {"length": "length", "content_filter": "content_filter"}  # anything else ended the text: stop
 
 
-class OpenAICompatible:
+class OpenAICompatible(Forwarding):
     """A chat model (chat and completions) or an embeddings model behind an OpenAI-compatible API."""
 
     def __init__(self, spec: ModelSpec, upstream: Upstream):
         self.kinds = frozenset({"embeddings"} if spec.kind == "embeddings" else {"chat", "completions"})
         self._model, self._dimensions = spec.upstream_model, spec.dimensions
-        self._up = upstream
+        super().__init__(upstream)
 
     def chat(self, body: ChatBody, cancel: asyncio.Event) -> AsyncIterator[str | ChatResult]:
         payload = {"model": self._model, "messages": [{"role": m.role, "content": m.content} for m in body.messages]}
