@@ -131,7 +131,8 @@ def permissions(role: str) -> dict:
                "tg.credit.>", "tg.event.credit.>", "tg.hold.>", *_read_counters(CREDITS_STREAM),
                *_kv_write(CREDIT_IDS_BUCKET),
                *_kv_write(BUDGETS_BUCKET), *_kv_read(BUDGET_STATE_BUCKET),
-               *_blob_write(REQUEST_BLOBS_BUCKET), *_blob_read(RESULT_BLOBS_BUCKET)]  # large bodies and results
+               *_blob_write(REQUEST_BLOBS_BUCKET), *_blob_read(RESULT_BLOBS_BUCKET),  # large bodies and results
+               *_blob_write(RESULT_BLOBS_BUCKET)]  # images behind `url` links (edge/image_links.py)
         # Edges own the HTTP connections of every tenant, so they may read any edge's replies.
         sub = ["tg.reply.>"]
     elif role.startswith("worker:"):
