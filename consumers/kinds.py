@@ -18,9 +18,8 @@ from typing import AsyncIterator, Protocol
 import msgspec
 
 from bus.account.prices import Units
-from bus.protocol import ImagesBody, ImagesResult
-from bus.protocol import (ChatBody, CompletionBody, EmbeddingsBody, EmbeddingsResult, SpeechBody, TranscriptionBody,
-                          encode)
+from bus.protocol import (ChatBody, CompletionBody, EmbeddingsBody, EmbeddingsResult, ImagesBody, ImagesResult,
+                          SpeechBody, TranscriptionBody, encode)
 from consumers.audio_encoding import AudioEncoder
 from consumers.backends.base import ChatResult
 
