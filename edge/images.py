@@ -37,6 +37,7 @@ routes = web.RouteTableDef()
 
 @routes.post("/v1/images/generations")
 async def generations(request: web.Request) -> web.Response:
+    """Images drawn from the prompt alone."""
     principal = request.config_dict[AUTH].authenticate(request, "images")
     req = decode_json(await request.read(), ImageRequest)
     return await _draw(request, principal, req)
@@ -85,6 +86,7 @@ def _check_uploads(image: bytes, mask: bytes | None) -> None:
 
 async def _draw(request: web.Request, principal: Principal, req: ImageRequest, image: bytes | None = None,
                 mask: bytes | None = None) -> web.Response:
+    """Admit and publish one images request; answer its PNGs inline or as links."""
     publisher: Publisher = request.config_dict[PUBLISHER]
     gate: Gate = request.config_dict[GATE]
     spec, policy = gate.model_for(principal, req.model)

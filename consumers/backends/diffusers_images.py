@@ -51,6 +51,7 @@ def open_mask(data: bytes, size: tuple[int, int]) -> Image.Image:
 
 
 def png(image: Image.Image) -> bytes:
+    """``image`` encoded as PNG."""
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
