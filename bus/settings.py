@@ -416,6 +416,9 @@ def _check(settings: Settings) -> None:
             raise SettingsError(f"model {name}: more_wheels add to a pypi source")
         if spec.kind == "embeddings" and spec.dimensions is None:
             raise SettingsError(f"model {name}: an embeddings model needs `dimensions` (the size of its vectors)")
+        if spec.kind == "images" and "auto" not in spec.image_steps:
+            raise SettingsError(f"model {name}: image_steps needs an `auto` entry (the steps when a request names "
+                                "no quality)")
     _check_providers(settings)
     _check_routes(settings)
     if settings.edge.request_timeout_s > settings.max_deadline_s:
