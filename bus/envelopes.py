@@ -124,19 +124,23 @@ def open_usage(data: bytes, headers: Mapping[str, str] | None, issuer_grant: Iss
                max_deadline_s: float) -> UsageEvent:
     """Verify a usage report and return its event, or raise ``BadUsage`` saying why it must not be billed.
 
-    Signed by a registered worker; bound to a request a trusted issuer admitted (its
-    ticket's signature), for that request's tenant, principal, model, lane and hold;
-    its numbers in range (on decode) and its cost within the hold it settles.
+    Signed by a registered worker — or, for an answer an edge served from its response cache
+    (``cache_hit``), by that edge, the issuer of the request's own ticket; bound to a request a
+    trusted issuer admitted (its ticket's signature), for that request's tenant, principal, model,
+    lane and hold; its numbers in range (on decode) and its cost within the hold it settles.
     """
     headers = headers or {}
-    _, grant = _signed_by(data, headers, issuer_grant, BadUsage)
-    if grant.role != "worker":
+    signer, grant = _signed_by(data, headers, issuer_grant, BadUsage)
+    if grant.role not in ("worker", "edge"):
         raise BadUsage(f"{grant.name} is not a worker")
     try:
         report = decode_report(data)
     except msgspec.DecodeError as exc:
         raise BadUsage(f"malformed usage report: {exc}") from None
     event, ticket = report.event, report.ticket
+    if grant.role == "edge" and not (event.cache_hit and ticket.issuer == signer):
+        # An edge vouches only for what it answered itself, from its cache, for a request it admitted.
+        raise BadUsage(f"{grant.name} is not a worker, and this is not a cache hit it served")
     _check_ticket(ticket, report.ticket_sig, issuer_grant(ticket.issuer), max_deadline_s, BadUsage)
     claimed = (event.request_id, event.tenant, event.principal, event.kind, event.model, event.lane,
                event.queued_at, event.hold_micros)

@@ -40,6 +40,7 @@ from bus.subjects import (
     USAGE_STREAM,
     PUBLISHERS_BUCKET,
     REQUEST_BLOBS_BUCKET,
+    RESPONSE_CACHE_BUCKET,
     RESULT_BLOBS_BUCKET,
     WORKERS_BUCKET,
     work_consumer,
@@ -147,6 +148,17 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
                          max_bytes=settings.edge.blob_store_max_bytes, discard=DiscardPolicy.NEW,
                          allow_rollup_hdrs=True, allow_direct=True),
         )
+    # The response cache: a KV bucket laid out as nats-py makes them (so `nats kv` and KeyValue read
+    # it), but full means the oldest answers leave (discard old): it is a cache, nothing in it is owed.
+    # Each answer carries its own TTL (Nats-TTL); none outlives response_cache_max_ttl_s.
+    await _ensure_stream(
+        js,
+        StreamConfig(name=f"KV_{RESPONSE_CACHE_BUCKET}", num_replicas=replicas, storage=StorageType.FILE,
+                     subjects=[f"$KV.{RESPONSE_CACHE_BUCKET}.>"], max_msgs_per_subject=1,
+                     max_age=settings.edge.response_cache_max_ttl_s, max_bytes=settings.edge.response_cache_max_bytes,
+                     max_msg_size=settings.edge.response_cache_max_entry_bytes, discard=DiscardPolicy.OLD,
+                     allow_msg_ttl=True, allow_rollup_hdrs=True, deny_delete=True, allow_direct=True),
+    )
     await _ensure_stream(
         js,
         StreamConfig(

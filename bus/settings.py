@@ -74,6 +74,11 @@ class EdgeSettings(msgspec.Struct, forbid_unknown_fields=True):
     image_link_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
     public_url: str = ""
     images: ImageInputSettings = msgspec.field(default_factory=ImageInputSettings)
+    # The response cache's bucket (tg_response_cache, shared by every edge): its size (the oldest
+    # answers leave first when full), the largest answer kept, and the longest any answer is kept.
+    response_cache_max_bytes: Annotated[int, msgspec.Meta(ge=1)] = 1024**3
+    response_cache_max_entry_bytes: Annotated[int, msgspec.Meta(ge=1)] = 1024**2
+    response_cache_max_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 86_400.0
 
 
 class WorkerSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -186,6 +191,14 @@ class RouteSettings(msgspec.Struct, forbid_unknown_fields=True):
     breaker_cooldown_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
 
 
+class ResponseCacheSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """A model's exact response cache (edge/response_cache.py): how long an answer is kept (0: off;
+    a tenant may shorten it or opt out), and what a hit costs as a share of what running it did."""
+
+    ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    price_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0  # a share: a hit never costs more than its hold
+
+
 class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     """A model the gateway serves: what it is, where its weights come from, how it runs."""
 
@@ -213,6 +226,7 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     temperature: float | None = None
     top_p: float | None = None
     prices: Prices = Prices()
+    cache: ResponseCacheSpec = msgspec.field(default_factory=ResponseCacheSpec)
     # Completion cap for prepaid requests that set no max_tokens: the hold must have a bound.
     default_max_tokens: int = 1024
     # Longest sequence the model handles; a larger max_tokens is a 400 before admission.

@@ -31,6 +31,8 @@ BUDGET_STATE_BUCKET = "tg_budget_state"
 # publishers and read by workers; large results, written by workers and read by publishers.
 REQUEST_BLOBS_BUCKET = "tg_blobs"
 RESULT_BLOBS_BUCKET = "tg_results"
+# Answers kept by the exact response cache (edge/response_cache.py), shared by every edge.
+RESPONSE_CACHE_BUCKET = "tg_response_cache"
 METER_CONSUMER = "meter"
 LEDGER_CONSUMER = "ledger"
 HOLDS_CONSUMER = "holds"
@@ -82,6 +84,12 @@ CANCEL_WILDCARD = "tg.cancel.*"
 
 def usage_subject(tenant: str) -> str:
     return f"tg.usage.{token(tenant)}"
+
+
+def cache_hit_usage_subject(tenant: str) -> str:
+    """Where an edge publishes the usage of an answer it served from its cache: in USAGE, apart
+    from workers' usage, so an edge may publish this and nothing else there."""
+    return f"tg.usage.hit.{token(tenant)}"
 
 
 def credit_counter(tenant: str) -> str:

@@ -14,11 +14,11 @@ from bus.connect import connect
 from bus.issuers import issuer_registered
 from bus.settings import Settings
 from bus.signing import Identity
-from bus.subjects import INFLIGHT_BUCKET, KEYS_BUCKET, TENANTS_BUCKET
+from bus.subjects import INFLIGHT_BUCKET, KEYS_BUCKET, RESPONSE_CACHE_BUCKET, TENANTS_BUCKET
 from bus.account.tenant_store import TenancyStore, decode_key, decode_tenant
 from bus.watched import WatchedBucket
 from edge import (admin as admin_api, billing_api, chat, completions, embeddings, image_links, images, messages,
-                  models, speech, tokenize, transcriptions, usage)
+                  models, response_cache, speech, tokenize, transcriptions, usage)
 from edge.admission import Gate
 from edge.auth import Authenticator
 from edge.errors import error_middleware
@@ -26,7 +26,8 @@ from edge.ratelimit import InFlight, RateLimiter
 from edge.routing import RoutingPublisher
 from edge.quota import QuotaGate
 from edge.image_inputs import ImageInputs
-from edge.state import AUTH, BUDGETS, GATE, IMAGE_INPUTS, PUBLISHER, QUOTA, SETTINGS, TENANCY
+from edge.response_cache import ResponseCache
+from edge.state import AUTH, BUDGETS, GATE, IMAGE_INPUTS, PUBLISHER, QUOTA, RESPONSE_CACHE, SETTINGS, TENANCY
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def create_app(settings: Settings) -> web.Application:
         app[GATE] = gate = Gate(settings, limiter, quota, publisher)
         app[BUDGETS] = await BudgetStore.open(js)
         app[IMAGE_INPUTS] = image_inputs = ImageInputs(settings.edge.images)
+        app[RESPONSE_CACHE] = ResponseCache(await js.key_value(RESPONSE_CACHE_BUCKET), publisher, gate, settings)
         yield
         await image_inputs.close()
         await gate.stop()
@@ -103,6 +105,7 @@ def create_app(settings: Settings) -> web.Application:
         await nc.drain()
 
     app.cleanup_ctx.append(lifecycle)
+    app.on_response_prepare.append(response_cache.mark)  # the x-tollgate-cache header: hit or miss
     return app
 
 

@@ -7,15 +7,14 @@ from aiohttp import web
 from bus.openai.chat import ChatCompletionRequest, ChatResults, charge, image_refs, prepaid_body, to_body
 from bus.openai.decoding import decode_json as decode_body
 from bus.openai.service_tier import lane_for, tier_of
-from edge.replies import answer, published
-from edge.state import AUTH, GATE, IMAGE_INPUTS, PUBLISHER
+from edge.replies import answer
+from edge.state import AUTH, GATE, IMAGE_INPUTS, RESPONSE_CACHE
 
 routes = web.RouteTableDef()
 
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    publisher = request.config_dict[PUBLISHER]
     gate = request.config_dict[GATE]
     principal = request.config_dict[AUTH].authenticate(request, "chat.completions")
     req = decode_body(await request.read(), ChatCompletionRequest)
@@ -27,7 +26,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     lane = lane_for(req.service_tier, policy)
     admitted = await gate.admit(principal=principal, model=req.model, spec=spec, policy=policy, lane=lane,
                                 charge=charge(body))
-    async with published(publisher, gate, admitted, kind="chat", body=body) as call:
+    cache = request.config_dict[RESPONSE_CACHE]
+    async with cache.answered(request, principal, spec, admitted, kind="chat", body=body) as call:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         results = ChatResults(call.envelope, req.model, tier_of(lane, policy.default_lane), include_usage)
         return await answer(request, call, results, stream=req.stream, headers=admitted.limits.headers)

@@ -16,8 +16,8 @@ from bus.openai.decoding import decode_json as decode_body
 from bus.openai.service_tier import lane_for
 from bus.protocol import TokenizeAsk
 from edge.errors import anthropic_error_event
-from edge.replies import Events, answer, published
-from edge.state import AUTH, GATE, PUBLISHER
+from edge.replies import Events, answer
+from edge.state import AUTH, GATE, RESPONSE_CACHE
 from edge.tokenize import ask_worker
 
 _encode = msgspec.json.Encoder().encode
@@ -38,7 +38,6 @@ ANTHROPIC_EVENTS = Events(_named_event, b"", anthropic_error_event)
 
 @routes.post("/v1/messages")
 async def messages(request: web.Request) -> web.StreamResponse:
-    publisher = request.config_dict[PUBLISHER]
     gate = request.config_dict[GATE]
     principal = request.config_dict[AUTH].authenticate(request, "messages")
     req = decode_body(await request.read(), MessagesRequest)
@@ -47,7 +46,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     lane = lane_for(None, policy)
     admitted = await gate.admit(principal=principal, model=req.model, spec=spec, policy=policy, lane=lane,
                                 charge=charge(body))
-    async with published(publisher, gate, admitted, kind="chat", body=body) as call:
+    cache = request.config_dict[RESPONSE_CACHE]
+    async with cache.answered(request, principal, spec, admitted, kind="chat", body=body) as call:
         headers = {**admitted.limits.headers, REQUEST_ID_HEADER: call.envelope.id}
         return await answer(request, call, MessagesResults(call.envelope, req.model), stream=req.stream,
                             headers=headers, events=ANTHROPIC_EVENTS)

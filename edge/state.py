@@ -16,6 +16,7 @@ from edge.admission import Gate
 from edge.auth import Authenticator
 from edge.image_inputs import ImageInputs
 from edge.quota import QuotaGate
+from edge.response_cache import ResponseCache
 
 SETTINGS = web.AppKey("settings", Settings)
 PUBLISHER = web.AppKey("publisher", Publisher)
@@ -25,3 +26,4 @@ QUOTA = web.AppKey("quota", QuotaGate)
 TENANCY = web.AppKey("tenancy", TenancyStore)
 BUDGETS = web.AppKey("budgets", BudgetStore)
 IMAGE_INPUTS = web.AppKey("image_inputs", ImageInputs)
+RESPONSE_CACHE = web.AppKey("response_cache", ResponseCache)

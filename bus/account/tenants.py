@@ -66,6 +66,9 @@ class Tenant(msgspec.Struct, forbid_unknown_fields=True):
     # Prepaid tenants run only what their credits cover: admission holds each request's maximum cost.
     prepaid: bool = False
     created: float = 0.0
+    # The response cache for this tenant's requests: None keeps each model's TTL, a number shortens
+    # it to at most that many seconds, 0 opts out (nothing of theirs is looked up or stored).
+    response_cache_ttl_s: Annotated[float, Meta(ge=0, le=2**31)] | None = None
 
 
 class ApiKey(msgspec.Struct, forbid_unknown_fields=True):

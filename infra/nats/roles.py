@@ -35,6 +35,7 @@ from bus.subjects import (
     USAGE_STREAM,
     PUBLISHERS_BUCKET,
     REQUEST_BLOBS_BUCKET,
+    RESPONSE_CACHE_BUCKET,
     RESULT_BLOBS_BUCKET,
     WORKERS_BUCKET,
     request_subject,
@@ -127,7 +128,9 @@ def permissions(role: str) -> dict:
                *_kv_write(TENANTS_BUCKET), *_kv_write(KEYS_BUCKET), *_kv_read(WORKERS_BUCKET), *_kv_read(ISSUERS_BUCKET),
                *_kv_write(PUBLISHERS_BUCKET),  # announces itself: workers drop a dead edge's work
                # credit holds and their ends, ledger entries from the admin API under ids claimed per
-               # tenant; budgets and their state. Never budget alerts or usage: those are billing's.
+               # tenant; budgets and their state. Never budget alerts, nor usage but that of the answers
+               # it served from the response cache (which the meter takes from the edge that admitted them).
+               *_kv_write(RESPONSE_CACHE_BUCKET), "tg.usage.hit.>",
                "tg.credit.>", "tg.event.credit.>", "tg.hold.>", *_read_counters(CREDITS_STREAM),
                *_kv_write(CREDIT_IDS_BUCKET),
                *_kv_write(BUDGETS_BUCKET), *_kv_read(BUDGET_STATE_BUCKET),
