@@ -12,7 +12,13 @@ import anthropic
 import pytest
 
 from bus.account.tenants import Limits, Tenant
-from tests.conftest import eventually
+from bus.envelopes import seal_usage
+from bus.issuers import register_issuer
+from bus.protocol import IssuerGrant, Ticket, encode
+from bus.signing import Identity
+from bus.subjects import cache_hit_usage_subject
+from tests.conftest import UsageSigner, eventually, usage_event, usage_rows
+from tests.test_usage_trust import _dead_letters
 
 CACHED = "smollm2-135m-cached"
 HEADER = "x-tollgate-cache"
@@ -157,3 +163,28 @@ async def test_completions_and_messages_go_through_the_same_cache(cached_model, 
                                       extra_body={"temperature": 0}) as stream:
         replayed = await stream.get_final_message()
     assert replayed.content[0].text == chat.choices[0].message.content, "a hit replays as Anthropic's events"
+
+
+async def test_the_meter_takes_usage_from_an_edge_only_for_a_cache_hit_it_admitted(stack, nc, meter, clickhouse):
+    js, edge = nc.jetstream(), UsageSigner.current.edge
+    other_edge = Identity.generate()
+    await register_issuer(js, other_edge.public_key, IssuerGrant("edge-other", ["*"], role="edge"))
+
+    def signed_by_edge(event, issuer: Identity) -> tuple[bytes, dict[str, str]]:
+        ticket = Ticket(event.request_id, event.tenant, event.principal, issuer.public_key, event.kind, event.model,
+                        event.lane, event.queued_at, event.queued_at + 60, event.hold_micros)
+        return seal_usage(event, ticket, issuer.sign(encode(ticket)), edge)
+
+    tenant = "cache-usage"
+    not_a_hit = usage_event(tenant=tenant, cache_hit=False)
+    anothers = usage_event(tenant=tenant, cache_hit=True)  # a hit, but of a request another edge admitted
+    good = usage_event(tenant=tenant, cache_hit=True)
+    conn = await stack.connect("edge")  # what an edge may publish: usage on tg.usage.hit.<tenant> alone
+    for event, issuer in ((not_a_hit, edge), (anothers, other_edge), (good, edge)):
+        data, headers = signed_by_edge(event, issuer)
+        await conn.jetstream().publish(cache_hit_usage_subject(tenant), data, headers=headers)
+    await conn.close()
+    assert len(await usage_rows(clickhouse, [good.request_id], expect=1)) == 1, "the meter got past the others"
+    assert await usage_rows(clickhouse, [not_a_hit.request_id, anothers.request_id], expect=0, timeout=0) == []
+    dead = await _dead_letters(js, {not_a_hit.request_id, anothers.request_id})
+    assert all("not a cache hit it served" in reason for reason in dead.values()) and len(dead) == 2, dead
