@@ -125,10 +125,17 @@ async def test_compressed_formats_transcribe(whisper, client, fox, name, contain
     assert _wer(reply.text, FOX) <= 0.2, reply.text
 
 
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the SDK marks translations so; they still work
 async def test_translation_answers_in_english(whisper, client, fox):
     reply = await client.audio.translations.create(file=("fox.wav", fox), model=whisper,
                                                    response_format="verbose_json")
     assert _wer(reply.text, FOX) <= 0.2 and reply.language == "english", reply
+
+
+async def test_the_model_card_says_what_it_serves_and_costs(whisper, client):
+    card = (await client.models.retrieve(whisper)).model_extra
+    assert card["endpoints"] == ["/v1/audio/transcriptions", "/v1/audio/translations"]
+    assert card["prices"]["audio_second"] == PRICE
 
 
 async def test_usage_row_bills_started_seconds(whisper, client, clickhouse, fox):

@@ -8,7 +8,8 @@ from bus.account.prices import Prices
 from bus.settings import ModelSpec
 
 # The OpenAI routes each kind of model answers.
-ENDPOINTS_BY_KIND = {"chat": ["/v1/chat/completions", "/v1/completions"], "embeddings": ["/v1/embeddings"]}
+ENDPOINTS_BY_KIND = {"chat": ["/v1/chat/completions", "/v1/completions"], "embeddings": ["/v1/embeddings"],
+                     "transcription": ["/v1/audio/transcriptions", "/v1/audio/translations"]}
 
 
 class ModelCard(msgspec.Struct):
