@@ -3,13 +3,16 @@ against the stack's own chat model (SmolLM2-135M). Greedy (temperature 0) wherev
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
 import anthropic
 import pytest
+from hypothesis import given, strategies as st
 
 from tests.conftest import CHAT_INPUT_PRICE, CHAT_MODEL, CHAT_OUTPUT_PRICE, EMBED_MODEL, usage_rows
+from tests.test_hostile_input import PROPERTY, _key, _send, _with, hostile_fragments
 
 SYSTEM = "You are a terse assistant. Answer in one sentence."
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -150,3 +153,29 @@ async def test_a_missing_key_is_an_anthropic_authentication_error(stack):
                              json={"model": CHAT_MODEL, "messages": QUESTION}) as resp:
             answer = await resp.json()
     assert resp.status == 401 and answer["error"]["type"] == "authentication_error", answer
+
+
+_MESSAGES = {"model": CHAT_MODEL, "max_tokens": 1, "temperature": 0, "stop_sequences": ["x"], "metadata": {"user_id": "u"},
+             "system": [{"type": "text", "text": "Be brief."}],
+             "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+_FIELDS = ["model", "max_tokens", "temperature", "top_p", "top_k", "stop_sequences", "metadata", "metadata.user_id",
+           "system", "system.0", "system.0.text", "messages", "messages.0", "messages.0.role", "messages.0.content",
+           "messages.0.content.0", "messages.0.content.0.type", "messages.0.content.0.text", "stream"]
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+async def test_hostile_bodies_are_refused_as_anthropic_errors_never_5xx(stack, meter, path):
+    _, secret = await _key(stack)
+    template = _MESSAGES if path == "/v1/messages" else {k: _MESSAGES[k] for k in ("model", "system", "messages")}
+    fields = [f for f in _FIELDS if f.split(".")[0] in template]
+
+    @PROPERTY
+    @given(body=st.one_of(st.binary(max_size=256), hostile_fragments(),
+                          st.builds(lambda f, v: _with(template, f, v), st.sampled_from(fields), hostile_fragments())))
+    def prop(body):
+        status, answer = _send(stack, "POST", path, body, secret)
+        assert status < 500, (status, answer, body[:200])
+        if status >= 400:
+            assert answer["type"] == "error" and set(answer["error"]) == {"type", "message"}, answer
+
+    await asyncio.to_thread(prop)
