@@ -15,6 +15,7 @@ PRICES = Prices(
     image={"256x256": 1_000, "512x512": 4_000},
     audio_second=50,
     character=2,
+    input_image=500,
 )
 
 
@@ -25,6 +26,7 @@ def test_each_unit_is_charged_at_its_own_price():
     assert PRICES.cost(Units(images={"256x256": 2, "512x512": 1}), 1.0) == 6_000
     assert PRICES.cost(Units(audio_seconds=2.1), 1.0) == 150, "a started second is a second"
     assert PRICES.cost(Units(characters=100), 1.0) == 200
+    assert PRICES.cost(Units(input_images=3), 1.0) == 1_500
 
 
 def test_the_lane_multiplies_the_whole_and_rounds_up_once():

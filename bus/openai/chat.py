@@ -6,7 +6,7 @@ Shared by the edge and the SDK so both give back the very same typed results.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Sequence, Union
 
 import msgspec
 from msgspec import Meta
@@ -156,7 +156,7 @@ def image_refs(req: ChatCompletionRequest, spec: ModelSpec | None) -> list[Image
     return refs
 
 
-def _messages(messages: list[Message], images: list[bytes]) -> list[ChatMessage]:
+def _messages(messages: list[Message], images: Sequence[bytes]) -> list[ChatMessage]:
     """The bus form of OpenAI messages whose ``image_url`` parts read as ``images``, in order."""
     out, left = [], iter(images)
     for i, m in enumerate(messages):
@@ -165,7 +165,7 @@ def _messages(messages: list[Message], images: list[bytes]) -> list[ChatMessage]
     return out
 
 
-def to_body(req: ChatCompletionRequest, spec: ModelSpec | None, images: list[bytes] = []) -> ChatBody:
+def to_body(req: ChatCompletionRequest, spec: ModelSpec | None, images: Sequence[bytes] = ()) -> ChatBody:
     """The bus form of a validated OpenAI chat request, with the model's sampling defaults filled in.
 
     ``images`` are the bytes of its ``image_refs``, in order, as the edge fetched and checked them.
