@@ -3,8 +3,10 @@ the official openai SDK as it is read."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
+import signal
 import time
 from datetime import timezone
 
@@ -13,11 +15,13 @@ import av
 import pytest
 
 from bus.account import credits
+from infra.nats.roles import worker_role
 from tests.conftest import CHAT_MODEL, eventually, usage_rows
 from tests.test_credits import _grant, _prepaid_tenant
 from tests.test_transcriptions import _wer
 
 PIPER = "piper-en-us-joe"  # tests/stack_models/piper.toml
+SPARE = "piper-en-us-joe-spare"  # the same voice, served only by workers a test starts and kills
 PRICE = 3  # micro-credits per character there
 PARIS = "The capital of France is Paris."
 # Several sentences: read (and streamed) one piece at a time.
@@ -112,16 +116,31 @@ async def test_usage_row_bills_every_character(piper, client, clickhouse):
 
 async def test_a_client_that_leaves_stops_the_reading_and_pays_for_what_was_read(piper, stack, meter, clickhouse):
     async with aiohttp.ClientSession() as http:
-        async with http.post(stack.base_url + "/v1/audio/speech", headers={"Authorization": f"Bearer {stack.api_key}"},
-                             json={"model": piper, "voice": "alloy", "input": RAMBLE, "response_format": "wav"}) as resp:
+        async with _speech(http, stack, {"model": piper, "voice": "alloy", "input": RAMBLE}) as resp:
             assert resp.status == 200
-            assert (await resp.content.readany())[:4] == b"RIFF"
+            assert _is_mp3(await resp.content.readany())
             request_id = resp.headers["x-request-id"]
             resp.close()  # gone mid-stream: the connection is dropped
     [row] = await usage_rows(clickhouse, [request_id], expect=1)
     assert row["status"] == "cancelled"
     assert 0 < row["input_units"] < len(RAMBLE), "billed the pieces read before the client left, not the rest"
     assert row["cost_micros"] == row["input_units"] * PRICE
+
+
+async def test_a_worker_lost_mid_stream_cuts_the_audio_short(stack, meter):
+    worker = stack.spawn(worker_role(SPARE), "worker", "--model", SPARE)
+    try:
+        await asyncio.to_thread(stack.wait_serving, SPARE, True, 300)
+        async with aiohttp.ClientSession() as http:
+            async with _speech(http, stack, {"model": SPARE, "voice": "alloy", "input": RAMBLE}) as resp:
+                assert resp.status == 200
+                await resp.content.readany()
+                worker.send_signal(signal.SIGKILL)
+                with pytest.raises(aiohttp.ClientPayloadError):  # never a body that ends as if whole
+                    await resp.read()
+    finally:
+        worker.kill()
+        await asyncio.to_thread(worker.wait, 15)
 
 
 async def test_a_prepaid_tenant_holds_every_character_and_is_debited_them(piper, stack, nc, meter, clickhouse):
@@ -180,10 +199,15 @@ async def test_refused_requests_are_never_billed(piper, stack, nc, meter, clickh
     await eventually(lambda: _available_is(nc, tenant, 10_000 - good["cost_micros"]))
 
 
+def _speech(http: aiohttp.ClientSession, stack, body: dict, key: str | None = None):
+    """A raw POST /v1/audio/speech, to read or leave as a client of any kind may."""
+    return http.post(stack.base_url + "/v1/audio/speech", json=body,
+                     headers={"Authorization": f"Bearer {key or stack.api_key}"})
+
+
 async def _post(stack, body: dict, key: str) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as http:
-        async with http.post(stack.base_url + "/v1/audio/speech", json=body,
-                             headers={"Authorization": f"Bearer {key}"}) as resp:
+        async with _speech(http, stack, body, key) as resp:
             return resp.status, await resp.json()
 
 
