@@ -9,12 +9,16 @@ import base64
 import hashlib
 import io
 import os
+import string
 import time
+import urllib.error
+import urllib.request
 
 import aiohttp
 import msgspec
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from bus import blobs
@@ -89,6 +93,20 @@ async def test_edits_with_and_without_a_mask(tiny_sd, client):
                                          mask=("mask.png", _mask((96, 80)), "image/png"), prompt=PROMPT,
                                          size="32x48", response_format="b64_json")
     assert [_png(base64.b64decode(d.b64_json)).size for d in inpainted.data] == [(32, 48)]
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(token=st.text(alphabet=string.ascii_letters + string.digits + "-_.=", min_size=1, max_size=600)
+       | st.tuples(st.binary(max_size=400), st.binary(max_size=80)).map(
+           lambda parts: ".".join(base64.urlsafe_b64encode(p).decode() for p in parts)))
+def test_any_other_link_is_refused_cleanly(stack, token):
+    """Random tokens, and base64 of random bytes shaped like a claim and a signature: a 403 or 404, never a 5xx."""
+    try:
+        with urllib.request.urlopen(f"{stack.base_url}/v1/images/files/{token}.png", timeout=10) as resp:
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    assert status in (403, 404)
 
 
 async def _get(url: str) -> tuple[int, bytes, dict]:
