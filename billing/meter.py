@@ -27,6 +27,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from billing.batches import Batches, ack_each, delivery
+from billing import metrics
 from billing.clickhouse import ClickHouse
 from bus.dead_letters import dead_letter
 from bus.account import credits
@@ -177,20 +178,25 @@ class Meter(Batches):
         was first refused. Returns what was stored.
         """
         stamp = [round(now * 1_000_000)]
+        began = time.monotonic()
         try:
             await self.ch.insert_columns("usage_events", [*columns(new), stamp * len(new)], _INSERT_COLUMNS)
             self._last_insert = time.monotonic()
+            metrics.inserted(new, self._last_insert - began, time.time())
             return new
         except Exception:
+            metrics.refused(time.monotonic() - began)
             self._failures += 1
             if self._failures < self.settings.meter.store_attempts:
                 raise
         stored, refused = [], []
         for event in new:
             try:
+                began = time.monotonic()
                 await self.ch.insert_columns("usage_events", [*columns([event]), stamp], _INSERT_COLUMNS)
                 stored.append(event)
                 self._last_insert = time.monotonic()
+                metrics.inserted([event], self._last_insert - began, time.time())
             except Exception as exc:
                 refused.append((event, exc))
         if not stored and len(new) > 1:

@@ -9,6 +9,7 @@ import signal
 
 from nats.aio.client import Client
 
+from billing import metrics
 from billing.budgets import BudgetTracker
 from billing.clickhouse import ClickHouse
 from billing.expiry import expire_lapsed
@@ -19,6 +20,7 @@ from billing.schema import apply_schema
 from billing.usage_service import UsageService
 from billing.webhooks import WebhookSender
 from bus.connect import connect
+from bus.metrics import serve_metrics
 from bus.provision import ensure_billing_consumers
 from bus.settings import Settings
 
@@ -88,9 +90,13 @@ async def serve_billing(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     billing = Billing(settings, nc, ch)
     await billing.start()
+    exposed = await serve_metrics(settings.processes.metrics_host, settings.meter.metrics_port,
+                                  metrics.collector(billing.js))
     try:
         await stop.wait()
     finally:
+        if exposed is not None:
+            await exposed.cleanup()
         await billing.stop()
         await nc.drain()
         ch.close()

@@ -79,6 +79,9 @@ class EdgeSettings(msgspec.Struct, forbid_unknown_fields=True):
     response_cache_max_bytes: Annotated[int, msgspec.Meta(ge=1)] = 1024**3
     response_cache_max_entry_bytes: Annotated[int, msgspec.Meta(ge=1)] = 1024**2
     response_cache_max_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 86_400.0
+    # Prometheus `/metrics` on its own port (0: off), never the API's: tenants reach the API, operators
+    # this. `tollgate up` gives the n-th edge this port + n - 1 (edges share the API port, not this one).
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
 
 class WorkerSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -94,6 +97,9 @@ class WorkerSettings(msgspec.Struct, forbid_unknown_fields=True):
     # weight, so a flood on a high lane slows the lower ones but never stops them.
     lane_weights: dict[str, int] = msgspec.field(
         default_factory=lambda: {"critical": 8, "high": 4, "normal": 2, "batch": 1})
+    # Prometheus `/metrics` (0: off). Several workers run on a host, so `tollgate up` gives its
+    # workers this port, this port + 1, and so on, in the order of [models].
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
 
 class MeterSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -121,6 +127,8 @@ class MeterSettings(msgspec.Struct, forbid_unknown_fields=True):
     # Hosts or CIDRs webhooks may reach although they are loopback, private, link-local or
     # metadata addresses (refused otherwise: a budget's URL must not reach inside the network).
     webhook_allow: list[str] = []
+    # The billing process's Prometheus `/metrics` (0: off).
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
 
 class ProcessSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -140,6 +148,8 @@ class ProcessSettings(msgspec.Struct, forbid_unknown_fields=True):
     stop_timeout_s: float = 15.0
     # How long `tollgate up` waits for every model to be served before it says so and serves anyway.
     ready_timeout_s: float = 300.0
+    # Where every process's `/metrics` listens (edge.metrics_port, worker.metrics_port, meter.metrics_port).
+    metrics_host: str = "127.0.0.1"
 
 
 class Wheel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -37,6 +37,7 @@ from bus.subjects import (
     CANCEL_WILDCARD, CANCELLED_BUCKET, PUBLISHERS_BUCKET, WORKERS_BUCKET, liveness_key, request_wildcard, usage_subject,
 )
 from consumers.backends.base import Backend
+from consumers import metrics
 from consumers.kinds import KINDS, Outcome
 from consumers.lanes import LanePuller
 from consumers.tokenize_service import serve_tokenize
@@ -122,6 +123,11 @@ class Worker:
             await self._issuers.stop()
             await self._publishers.stop()
 
+    @property
+    def busy(self) -> int:
+        """Requests running now."""
+        return len(self._running)
+
     async def _on_doorbell(self, msg: Msg) -> None:
         self._puller.ring(msg.subject.split(".")[2])
         self._doorbell.set()
@@ -146,6 +152,7 @@ class Worker:
         running: set[asyncio.Task] = set()
         while not self._stopping:
             await slots.acquire()
+            waiting = time.monotonic()
             try:
                 msg = await self._next()
             except Exception:  # the bus is away: nats-py reconnects; the dispatcher must live on
@@ -155,6 +162,7 @@ class Worker:
             if msg is None:
                 slots.release()
                 continue
+            metrics.pulled(self.model, time.monotonic() - waiting)
             task = asyncio.create_task(self.handle(msg))
             running.add(task)
             task.add_done_callback(lambda t: (running.discard(t), slots.release()))
@@ -208,6 +216,7 @@ class Worker:
                 await msg.nak(delay=_IDLE_POLL_S)
             return
         usage = await self._run(envelope, msg)
+        metrics.ran(usage)
         await self._meter(usage, envelope, msg)
         await msg.ack()
 

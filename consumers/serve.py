@@ -10,9 +10,11 @@ from typing import Callable
 
 from bus.connect import connect
 from bus.issuers import issuer_registered
+from bus.metrics import serve_metrics
 from bus.settings import ModelSpec, Settings
 from bus.signing import Identity
 from consumers.backends.base import Backend
+from consumers.metrics import collector
 from consumers.models import resolve
 from consumers.runtime import Worker
 
@@ -121,9 +123,13 @@ async def serve_model(settings: Settings, model: str, backend: Backend | None = 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    worker = Worker(settings, model, backend, nc, identity)
+    exposed = await serve_metrics(settings.processes.metrics_host, settings.worker.metrics_port, collector(worker))
     try:
-        await Worker(settings, model, backend, nc, identity).run(stop)
+        await worker.run(stop)
     finally:
+        if exposed is not None:
+            await exposed.cleanup()
         await nc.drain()
         close = getattr(backend, "close", None)  # a provider's pooled connections
         if close is not None:

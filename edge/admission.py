@@ -26,6 +26,7 @@ from bus.ids import new_request_id
 from bus.publisher import Publisher
 from bus.settings import ModelSpec, Settings
 from edge.auth import Principal
+from edge import metrics
 from edge.ratelimit import Admission, RateLimiter
 from edge.quota import QuotaGate
 
@@ -65,6 +66,7 @@ class Gate:
         one function the worker prices its usage with. ``deadline_s``: the request's life,
         the publisher's deadline unless the route answers sooner.
         """
+        metrics.admitted(model, lane)  # checked by model_for: a bounded label
         self._publisher.check_serving(model)  # before anything is taken: a 503 costs the caller no quota
         tenant, key = principal.tenant.id, principal.key.id
         self._quota.check_budgets(tenant, key)

@@ -22,6 +22,7 @@ from edge import (admin as admin_api, billing_api, chat, completions, embeddings
 from edge.admission import Gate
 from edge.auth import Authenticator
 from edge.errors import error_middleware
+from edge.metrics import exposed as metrics_exposed, metrics_middleware
 from edge.ratelimit import InFlight, RateLimiter
 from edge.routing import RoutingPublisher
 from edge.quota import QuotaGate
@@ -52,7 +53,7 @@ def edge_identity_path(settings: Settings) -> Path:
 
 def create_app(settings: Settings) -> web.Application:
     """Build the edge application; it connects to NATS when it starts."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.edge.max_body_bytes)
+    app = web.Application(middlewares=[error_middleware, metrics_middleware], client_max_size=settings.edge.max_body_bytes)
     app[SETTINGS] = settings
     for endpoint in (chat, completions, embeddings, messages, tokenize, transcriptions, speech, images, image_links,
                      models, usage, billing_api):  # one route table per endpoint module
@@ -105,6 +106,7 @@ def create_app(settings: Settings) -> web.Application:
         await nc.drain()
 
     app.cleanup_ctx.append(lifecycle)
+    app.cleanup_ctx.append(metrics_exposed(settings))  # Prometheus /metrics on its own port
     app.on_response_prepare.append(response_cache.mark)  # the x-tollgate-cache header: hit or miss
     return app
 

@@ -17,6 +17,7 @@ from bus.protocol import Final, RequestBody
 from bus.publisher import Call, Publisher
 from edge.admission import Admitted, Gate
 from edge.errors import error_event
+from edge import metrics
 
 _encode = msgspec.json.Encoder().encode
 REQUEST_ID_HEADER = "x-request-id"
@@ -101,7 +102,11 @@ async def answer(request: web.Request, call: Call, results: Results, *, stream: 
     """The call's frames as one JSON answer, or as server-sent events (OpenAI's unless ``events``) when ``stream``."""
     headers = {**headers, REQUEST_ID_HEADER: call.envelope.id}
     if not stream:
-        text = [frame.text async for frame in call.frames()]
+        text = []
+        async for frame in call.frames():
+            if not text:
+                metrics.first_output(request, call.envelope.model)
+            text.append(frame.text)
         results.model = call.envelope.model  # who served it: a route's target is known once it answers
         body = _encode(results.completion("".join(text), call.final))
         return web.Response(body=body, content_type="application/json", headers=headers)
@@ -112,6 +117,7 @@ async def answer(request: web.Request, call: Call, results: Results, *, stream: 
                 # Headers go out with the first output, so an early failure keeps its real status.
                 response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
                 results.model = call.envelope.model  # the target serving a route, now that it is settled
+                metrics.first_output(request, call.envelope.model)
                 await response.prepare(request)
                 for chunk in results.opening():
                     await response.write(events.chunk(chunk))

@@ -88,10 +88,17 @@ def _children(settings: Settings, env: dict[str, str], passwords: dict[str, str]
         role_env = {**base, **roles.credentials(user, passwords[user]), **(extra or {})}
         return Child(name, role, [sys.executable, "-m", "infra.cli", *args], role_env, policy)
 
-    edges = [child(f"edge#{i}", "edge", "edge", extra={_ADMIN_TOKEN_ENV: admin})
+    def metrics(variable: str, base: int, offset: int) -> dict[str, str]:
+        # Each process of a kind its own /metrics port, counted up from the configured one (0: all off).
+        return {variable: str(base + offset)} if base else {}
+
+    edges = [child(f"edge#{i}", "edge", "edge",
+                   extra={_ADMIN_TOKEN_ENV: admin, **metrics("TOLLGATE_EDGE_METRICS_PORT", settings.edge.metrics_port, i - 1)})
              for i in range(1, policy.edges + 1)]
-    workers = [child(f"worker {name}#{i}", "worker", "worker", "--model", name, user=roles.worker_role(name))
-               for name in settings.models for i in range(1, policy.workers_per_model + 1)]
+    workers = [child(f"worker {name}#{i}", "worker", "worker", "--model", name, user=roles.worker_role(name),
+                     extra=metrics("TOLLGATE_WORKER_METRICS_PORT", settings.worker.metrics_port, n))
+               for n, (name, i) in enumerate((name, i) for name in settings.models
+                                             for i in range(1, policy.workers_per_model + 1))]
     return [child("billing", "billing", "billing"), *edges, *workers]
 
 

@@ -131,7 +131,7 @@ class Stack:
         self.api_key = ""  # the default tenant's key, made when the stack starts
         self._served: set[str] = set()
 
-    def serve(self, model: str, timeout: float = 300) -> None:
+    def serve(self, model: str, timeout: float = 300, env: dict | None = None) -> None:
         """Fetch ``model``'s weights and start one worker for it, once a session; wait until it serves.
 
         For models a few tests need (speech, images, vision): a session that runs none of
@@ -140,7 +140,7 @@ class Stack:
         if model in self._served:
             return
         subprocess.run([sys.executable, "-m", "infra.cli", "models", "pull", model], env=self.env, cwd=ROOT, check=True)
-        self.spawn(roles.worker_role(model), "worker", "--model", model)
+        self.spawn(roles.worker_role(model), "worker", "--model", model, env=env)
         self._served.add(model)
         self.wait_serving(model, timeout=timeout)
 
