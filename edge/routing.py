@@ -177,13 +177,15 @@ class RoutedCall:
             breaker = self._router.breaker(self._route, target)
             if breaker.skips(now) or not self._router.live.serving(target):
                 continue
+            breaker.trying(now)  # before any await, so two requests never both take the one probe
             # The client's id (and the hold admission took) go with the first attempt queued; a
             # later attempt holds credits of its own, since billing gives the failed one's back.
-            request_id, hold = (self._client_id, self._hold) if self._first is None else (new_request_id(), self._hold)
+            request_id, hold = self._client_id if self._first is None else new_request_id(), self._hold
             if hold and self._first is not None:
                 try:
                     await self._router.quota.hold(self._fields["tenant"], request_id, hold, self._deadline)
                 except InsufficientQuota:
+                    breaker.settled()
                     break
             attempt = self._router.attempt(model=target, request_id=request_id, hold_micros=hold,
                                            deadline=self._deadline, route=self._route, route_request=self._client_id,
@@ -191,11 +193,11 @@ class RoutedCall:
             try:
                 call = await attempt.__aenter__()
             except NoCapacity as exc:  # its last worker left, or its lane is full: nothing was queued
+                breaker.settled()
                 if hold and self._first is not None:
                     await self._router.quota.release(self._fields["tenant"], request_id, hold)
                 failure = exc
                 continue
-            breaker.trying(now)
             self._attempt, self._call, self._target = attempt, call, target
             self._first = self._first or call.envelope
             return
