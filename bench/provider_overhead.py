@@ -96,13 +96,13 @@ def wait_listening(port: int, timeout: float = 20) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time the processes ``pids`` have used so far."""
-    total = 0
+def cpu_seconds(pids: list[int]) -> list[float]:
+    """User + system CPU time each of the processes ``pids`` has used so far."""
+    times = []
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
+        times.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))  # utime, stime
+    return times
 
 
 def run(url: str, rates: list[float], seconds: float, concurrency: int, pids: list[int]) -> dict:
@@ -111,12 +111,13 @@ def run(url: str, rates: list[float], seconds: float, concurrency: int, pids: li
     for rate in rates:
         before, REFUSED[:] = cpu_seconds(pids), []
         latencies, achieved = asyncio.run(load.open_loop(url, rate, seconds))
-        cpu = (cpu_seconds(pids) - before) / (len(latencies) + 50) * 1000
+        # ms a request, in all and in each process (edge, worker, billing, nats-server)
+        cpu = [(after - b) / (len(latencies) + 50) * 1000 for after, b in zip(cpu_seconds(pids), before)]
         out[rate] = (achieved, load.pct(latencies, 50), load.pct(latencies, 99), cpu, len(REFUSED))
         time.sleep(2)  # let a saturated stack drain before the next rate
     REFUSED[:] = []
     throughput, latencies = asyncio.run(load.closed_loop(url, concurrency, seconds))
-    out["max"] = (throughput, load.pct(latencies, 50), load.pct(latencies, 99), 0.0, len(REFUSED))
+    out["max"] = (throughput, load.pct(latencies, 50), load.pct(latencies, 99), [], len(REFUSED))
     return out
 
 
@@ -162,13 +163,14 @@ def main() -> None:
                           args.concurrency, pids)
             print(f"{'streamed (20 chunks)' if stream else 'not streamed'}:\n")
             print("| offered | direct p50 / p99 | Tollgate p50 / p99 | added p50 / p99 | refused "
-                  "| gateway CPU / request |")
+                  "| gateway CPU / request (edge + worker + billing + nats) |")
             print("|---|---|---|---|---|---|")
             for rate in args.rates:
                 _, d50, d99, _, _ = direct[rate]
                 _, t50, t99, cpu, refused = through[rate]
                 print(f"| {rate:.0f} req/s | {d50:.2f} / {d99:.2f} ms | {t50:.2f} / {t99:.2f} ms "
-                      f"| {t50 - d50:.2f} / {t99 - d99:.2f} ms | {refused} | {cpu:.2f} ms |")
+                      f"| {t50 - d50:.2f} / {t99 - d99:.2f} ms | {refused} | {sum(cpu):.2f} ms "
+                      f"({' + '.join(f'{c:.2f}' for c in cpu)}) |")
             (d_max, d50, d99, _, _), (t_max, t50, t99, _, refused) = direct["max"], through["max"]
             print(f"| closed loop, {args.concurrency} in flight | {d_max:.0f} req/s: {d50:.2f} / {d99:.2f} ms "
                   f"| {t_max:.0f} req/s: {t50:.2f} / {t99:.2f} ms | {t50 - d50:.2f} / {t99 - d99:.2f} ms "
