@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from bus.account import credits
-from bus.settings import RouteSettings, RouteTarget
+from bus.settings import RouteSettings, RouteTarget, SettingsError, load_settings
 from edge.routing import ordered
 from infra.nats import roles
 from tests.conftest import eventually
@@ -287,3 +287,34 @@ def test_targets_are_tried_by_priority_and_equals_by_weight():
     assert all(order[2] == "c" for order in orders)  # priority 2 (its place): after both equals
     share = sum(order[0] == "a" for order in orders) / len(orders)
     assert 0.70 < share < 0.80  # weight 3 of 4
+
+
+@pytest.mark.parametrize("toml, says", [
+    ('[models.m]\nprovider = "nope"\n', "no [providers.nope]"),
+    ('[providers.p]\napi = "anthropic"\nbase_url = "https://x"\n[models.m]\nprovider = "p"\nbackend = "openai"\n',
+     "speaks anthropic"),
+    ('[providers.p]\napi = "gemini"\nbase_url = "https://x"\n[models.m]\nprovider = "p"\nkind = "embeddings"\n'
+     'dimensions = 8\n', "not embeddings"),
+    ('[providers.p]\napi = "openai"\nbase_url = "ftp://x"\n', "http(s) URL"),
+    ('[providers.p]\napi = "openai"\nbase_url = "https://x"\n[models.m]\nprovider = "p"\n[models.m.upstream]\n'
+     'api = "openai"\nbase_url = "https://y"\n', "name its upstream"),
+    ('[routes.r]\ntargets = [{ model = "nope" }]\n', "not a configured model"),
+    ('[routes.smollm2-135m]\ntargets = [{ model = "all-minilm-l6-v2" }]\n', "a model has that name"),
+    ('[routes.r]\ntargets = [{ model = "smollm2-135m" }, { model = "all-minilm-l6-v2" }]\n', "different kinds"),
+    ('[routes.r]\ntargets = []\n', "invalid settings"),
+])
+def test_nonsense_in_provider_and_route_settings_is_refused(tmp_path, toml, says):
+    path = tmp_path / "tollgate.toml"
+    path.write_text(toml)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path, {})
+    assert says in str(caught.value)
+
+
+def test_a_provider_model_runs_many_requests_at_once_unless_told(tmp_path):
+    path = tmp_path / "tollgate.toml"
+    path.write_text('[providers.p]\napi = "openai"\nbase_url = "http://x/v1"\n[models.a]\nprovider = "p"\n'
+                    '[models.b]\nprovider = "p"\nconcurrency = 4\nupstream_model = "bb"\n')
+    models = load_settings(path, {}).models
+    assert (models["a"].concurrency, models["a"].backend, models["a"].upstream_model) == (256, "openai", "a")
+    assert (models["b"].concurrency, models["b"].upstream_model) == (4, "bb")
