@@ -27,7 +27,7 @@ from bus.openai.images import ImageRequest, charge, to_body
 from bus.protocol import BlobRef, ImagesBody, encode
 from bus.signing import Identity
 from bus.subjects import REQUEST_BLOBS_BUCKET, RESULT_BLOBS_BUCKET
-from consumers.backends.diffusers_images import DiffusersImages
+from consumers.backends.diffusers_images import DiffusersImages, open_mask
 from consumers.tiny_diffusion import build_tiny_diffusion
 from edge.app import edge_identity_path
 from edge.image_links import ImageLink
@@ -280,3 +280,16 @@ async def test_a_cancelled_drawing_stops_and_frees_the_pipeline():
     assert await backend.draw(ImagesBody(PROMPT, 64, 64, steps=50), cancel) is None
     [drawn] = await backend.draw(ImagesBody(PROMPT, 64, 64, steps=2), asyncio.Event())
     assert _png(drawn).size == (64, 64)
+
+
+def test_masks_repaint_where_openai_s_are_transparent_or_diffusers_are_white():
+    openai_style = open_mask(_mask((64, 64)), (32, 32))  # transparent square in the middle, resized
+    assert openai_style.mode == "L"
+    assert openai_style.getpixel((16, 16)) == 255 and openai_style.getpixel((2, 2)) == 0
+    plain = Image.new("L", (64, 64), 0)
+    plain.paste(255, (0, 0, 32, 64))  # no alpha: white is what is repainted, as diffusers takes it
+    out = io.BytesIO()
+    plain.save(out, format="PNG")
+    diffusers_style = open_mask(out.getvalue(), (64, 64))
+    assert diffusers_style.getpixel((10, 10)) == 255 and diffusers_style.getpixel((50, 10)) == 0
+
