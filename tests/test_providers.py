@@ -206,6 +206,18 @@ async def test_a_stream_cut_after_its_first_token_is_an_error_not_a_silent_fallb
     assert fresh.calls["gpt-backup"] == 0
 
 
+@pytest.mark.parametrize("model, upstream", [("up-claude", "claude-test"), ("up-gemini", "gemini-test")])
+async def test_a_cut_stream_from_anthropic_or_gemini_is_an_error_after_what_was_sent(model, upstream, fresh, client):
+    fresh.plan(upstream, Behaviour("drop", pieces=2))
+    stream = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
+                                                  stream=True)
+    text = []
+    with pytest.raises(openai.APIError) as caught:
+        async for chunk in stream:
+            text.extend(c.delta.content or "" for c in chunk.choices)
+    assert "".join(text) == "".join(reply_to(QUESTION)[:2]) and "stream" in caught.value.message
+
+
 # -- routes --------------------------------------------------------------------------
 
 
