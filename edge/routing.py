@@ -13,6 +13,7 @@ Targets that keep failing are skipped for a cool-down, then probed by one reques
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -183,7 +184,10 @@ class RoutedCall:
             request_id, hold = self._client_id if self._first is None else new_request_id(), self._hold
             if hold and self._first is not None:
                 try:
-                    await self._router.quota.hold(self._fields["tenant"], request_id, hold, self._deadline)
+                    # Shielded: a client leaving mid-hold still gets its hold reported, so billing's
+                    # sweeper gives it back (the attempt is never published).
+                    await asyncio.shield(self._router.quota.hold(self._fields["tenant"], request_id, hold,
+                                                                 self._deadline))
                 except InsufficientQuota:
                     breaker.settled()
                     break
@@ -195,7 +199,7 @@ class RoutedCall:
             except NoCapacity as exc:  # its last worker left, or its lane is full: nothing was queued
                 breaker.settled()
                 if hold and self._first is not None:
-                    await self._router.quota.release(self._fields["tenant"], request_id, hold)
+                    await asyncio.shield(self._router.quota.release(self._fields["tenant"], request_id, hold))
                 failure = exc
                 continue
             self._attempt, self._call, self._target = attempt, call, target
