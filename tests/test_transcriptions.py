@@ -71,13 +71,19 @@ def _wer(heard: str, said: str) -> float:
     return row[-1] / len(want)
 
 
-async def test_json_and_text_transcripts_hear_the_sentence(whisper, client, fox):
-    reply = await client.audio.transcriptions.create(file=("fox.wav", fox), model=whisper)
+async def test_json_and_text_transcripts_hear_the_sentence_billed_by_started_second(whisper, client, clickhouse, fox):
+    raw = await client.audio.transcriptions.with_raw_response.create(file=("fox.wav", fox), model=whisper)
+    reply, seconds = raw.parse(), math.ceil(_seconds(fox))  # 2.78 s: 3 started seconds
     assert _wer(reply.text, FOX) <= 0.2, reply.text
-    assert reply.usage.type == "duration" and reply.usage.seconds == math.ceil(_seconds(fox))
+    assert reply.usage.type == "duration" and reply.usage.seconds == seconds
     text = await client.audio.transcriptions.create(file=("fox.wav", fox), model=whisper, response_format="text",
                                                     language="en", prompt="A pangram.")
     assert isinstance(text, str) and _wer(text, FOX) <= 0.2, text
+    [row] = await usage_rows(clickhouse, [raw.headers["x-request-id"]], expect=1)
+    [(kind, unit)] = await clickhouse.query("SELECT kind, unit FROM usage_events WHERE request_id = {r:String}",
+                                            {"r": row["request_id"]})
+    assert (kind, unit, row["status"], row["model"]) == ("transcription", "seconds", "ok", WHISPER)
+    assert (row["input_units"], row["output_units"], row["cost_micros"]) == (seconds, 0, seconds * PRICE)
 
 
 _CUE = re.compile(r"(\d\d):(\d\d):(\d\d)[,.](\d\d\d) --> (\d\d):(\d\d):(\d\d)[,.](\d\d\d)")
@@ -138,16 +144,6 @@ async def test_the_model_card_says_what_it_serves_and_costs(whisper, client):
     assert card["prices"]["audio_second"] == PRICE
 
 
-async def test_usage_row_bills_started_seconds(whisper, client, clickhouse, fox):
-    raw = await client.audio.transcriptions.with_raw_response.create(file=("fox.wav", fox), model=whisper)
-    [row] = await usage_rows(clickhouse, [raw.headers["x-request-id"]], expect=1)
-    [(kind, unit)] = await clickhouse.query("SELECT kind, unit FROM usage_events WHERE request_id = {r:String}",
-                                            {"r": row["request_id"]})
-    seconds = math.ceil(_seconds(fox))  # 2.78 s: 3 started seconds
-    assert (kind, unit, row["status"], row["model"]) == ("transcription", "seconds", "ok", WHISPER)
-    assert (row["input_units"], row["output_units"], row["cost_micros"]) == (seconds, 0, seconds * PRICE)
-
-
 async def test_an_upload_over_a_mebibyte_travels_through_the_object_store(whisper, client, clickhouse, fox, nc):
     big = _encode(fox, "wav", "pcm_f32le", 96_000, "stereo")  # the same speech, 96 kHz stereo float: ~2 MiB
     assert len(big) > 1024 * 1024
@@ -157,19 +153,6 @@ async def test_an_upload_over_a_mebibyte_travels_through_the_object_store(whispe
     assert (await nc.jetstream().stream_info(blob_stream(REQUEST_BLOBS_BUCKET))).state.messages > before
     [row] = await usage_rows(clickhouse, [raw.headers["x-request-id"]], expect=1)
     assert row["status"] == "ok" and row["input_units"] == 3
-
-
-async def test_a_prepaid_tenant_is_held_and_settled_by_the_second(whisper, stack, nc, meter, clickhouse, fox):
-    tenant = "prepaid-transcriptions"
-    key = await _prepaid_tenant(stack, tenant)
-    await _grant(stack, nc, tenant, 10_000)
-    raw = await stack.client(api_key=key).audio.transcriptions.with_raw_response.create(
-        file=("fox.wav", fox), model=whisper)
-    [(hold, cost)] = await eventually(lambda: clickhouse.query(
-        "SELECT hold_micros, cost_micros FROM usage_events WHERE request_id = {r:String}",
-        {"r": raw.headers["x-request-id"]}))
-    assert hold == cost == math.ceil(3 * PRICE * 1.5), "the enterprise tier's high lane: 1.5 x 3 started seconds"
-    await eventually(lambda: _available_is(nc, tenant, 10_000 - cost))
 
 
 async def _available_is(nc, tenant: str, amount: int) -> bool:
@@ -215,8 +198,9 @@ async def test_translations_take_no_language(whisper, stack, meter, fox):
     assert (status, body["error"]["param"]) == (400, "language")
 
 
-async def test_bad_audio_is_never_billed_nor_stored(whisper, stack, nc, meter, clickhouse, fox):
-    tenant = "stt-bad-audio"
+async def test_a_prepaid_tenant_pays_for_good_audio_by_the_second_and_nothing_for_bad(whisper, stack, nc, meter,
+                                                                                      clickhouse, fox):
+    tenant = "prepaid-transcriptions"
     key = await _prepaid_tenant(stack, tenant)
     await _grant(stack, nc, tenant, 10_000)
     js = nc.jetstream()
@@ -225,13 +209,15 @@ async def test_bad_audio_is_never_billed_nor_stored(whisper, stack, nc, meter, c
     for data in (junk, b"", _not_audio()):
         status, body = await _post(stack, "/v1/audio/transcriptions", {"model": WHISPER}, data, key)
         assert (status, body["error"]["param"]) == (400, "file"), body
-    assert (await js.stream_info(blob_stream(REQUEST_BLOBS_BUCKET))).state.messages == blobs
+    assert (await js.stream_info(blob_stream(REQUEST_BLOBS_BUCKET))).state.messages == blobs, "nothing stored"
     raw = await stack.client(api_key=key).audio.transcriptions.with_raw_response.create(
         file=("fox.wav", fox), model=WHISPER)
     [good] = await usage_rows(clickhouse, [raw.headers["x-request-id"]], expect=1)
-    rows = await clickhouse.query("SELECT request_id FROM usage_events WHERE tenant = {t:String}", {"t": tenant})
-    assert rows == [(good["request_id"],)], "the refused uploads left no usage"
-    await eventually(lambda: _available_is(nc, tenant, 10_000 - good["cost_micros"]))
+    rows = await clickhouse.query("SELECT request_id, hold_micros, cost_micros FROM usage_events "
+                                  "WHERE tenant = {t:String}", {"t": tenant})
+    cost = math.ceil(3 * PRICE * 1.5)  # the enterprise tier's high lane: 1.5 x 3 started seconds
+    assert rows == [(good["request_id"], cost, cost)], "held exactly what it cost; the refused uploads left no usage"
+    await eventually(lambda: _available_is(nc, tenant, 10_000 - cost))
 
 
 async def _post(stack, path: str, fields: dict[str, str], file: bytes | None, key: str) -> tuple[int, dict]:
