@@ -160,18 +160,26 @@ class ResponseCache:
             async with published(self._publisher, self._gate, admitted, kind=kind, body=body) as call:
                 yield call
             return
-        if use.lookup:
-            kept = await self._get(use.key)
-            if kept is None and use.key in self._flights:
-                kept = await asyncio.shield(self._flights[use.key])  # its leader's answer; None if it failed
-            if kept is not None:
-                request[_STATUS] = "hit"
-                async with self._replayed(admitted, spec, kind, kept) as replay:
-                    yield replay
-                return
+        try:
+            kept = await self._lookup(use.key) if use.lookup else None
+        except BaseException:  # the client left while it waited: nothing was published
+            await asyncio.shield(self._gate.release(admitted, published=False))
+            raise
+        if kept is not None:
+            request[_STATUS] = "hit"
+            async with self._replayed(admitted, spec, kind, kept) as replay:
+                yield replay
+            return
         request[_STATUS] = "miss"
         async with self._recorded(admitted, kind, body, use) as recording:
             yield recording
+
+    async def _lookup(self, key: str) -> CachedAnswer | None:
+        """The kept answer, else that of an identical request running here (None if it failed)."""
+        kept = await self._get(key)
+        if kept is None and key in self._flights:
+            kept = await asyncio.shield(self._flights[key])
+        return kept
 
     @contextlib.asynccontextmanager
     async def _replayed(self, admitted: Admitted, spec: ModelSpec, kind: str,
@@ -181,16 +189,15 @@ class ResponseCache:
                             issuer=self._publisher.identity.public_key, kind=kind, model=admitted.model,
                             lane=admitted.lane, created=now, deadline=now + self._publisher.deadline_s, reply="",
                             body=None, hold_micros=admitted.hold)
+        tokens: int | None = None  # unknown while the usage is not known to be stored: the estimate stays
         try:
-            await self._meter(envelope, spec, kept)
-        except BaseException:
-            await asyncio.shield(self._gate.release(admitted, published=False))  # not billed: the hold goes back
-            raise
-        try:
+            # Shielded: a client that leaves now does not leave its usage half published.
+            await asyncio.shield(self._meter(envelope, spec, kept))
+            tokens = kept.prompt_tokens + kept.completion_tokens  # they count as a run's would
             yield Replay(envelope, kept)
         finally:
-            # Billed (its usage is stored): billing settles the hold from it. Tokens count as a run's would.
-            tokens = kept.prompt_tokens + kept.completion_tokens
+            # As for published work, an unknown outcome counts as billed: billing settles the hold
+            # from the usage, or sweeps it if none was stored; never twice.
             await asyncio.shield(self._gate.release(admitted, published=True, used_tokens=tokens))
 
     @contextlib.asynccontextmanager

@@ -17,7 +17,9 @@ from bus.issuers import register_issuer
 from bus.protocol import IssuerGrant, Ticket, encode
 from bus.signing import Identity
 from bus.subjects import cache_hit_usage_subject
+from bus.account import credits
 from tests.conftest import UsageSigner, eventually, usage_event, usage_rows
+from tests.test_credits import _grant, _prepaid_tenant
 from tests.test_usage_trust import _dead_letters
 
 CACHED = "smollm2-135m-cached"
@@ -56,11 +58,13 @@ async def _rows(clickhouse, request_ids: list[str]) -> dict[str, tuple]:
 
 async def _tenant(stack, tenant_id: str, **fields) -> str:
     """A tenant (pro tier unless ``fields`` say otherwise) and a key for it, once the edge knows it."""
-    async def make(store):
-        await store.create_tenant(Tenant(id=tenant_id, tier="pro", **fields))
-        return (await store.create_key(tenant_id, name="cache"))[1]
+    await stack.tenancy(lambda store: store.create_tenant(Tenant(id=tenant_id, tier="pro", **fields)))
+    return await _key(stack, tenant_id)
 
-    key = await stack.tenancy(make)
+
+async def _key(stack, tenant_id: str, **fields) -> str:
+    """A new key of the tenant, once the edge knows it."""
+    _, key = await stack.tenancy(lambda store: store.create_key(tenant_id, name="cache", **fields))
 
     async def edge_knows_it():
         async with aiohttp.ClientSession() as http:
@@ -117,12 +121,33 @@ async def test_tenants_never_share_answers_and_a_tenant_may_opt_out(cached_model
 
 
 async def test_hits_are_limited_like_any_request(cached_model, stack):
-    limited = stack.client(api_key=await _tenant(stack, f"cache-rpm-{uuid.uuid4().hex[:8]}", limits=Limits(rpm=2)))
+    tenant = f"cache-rpm-{uuid.uuid4().hex[:8]}"
     question = _ask(uuid.uuid4().hex)
-    assert [(await _chat(limited, question))[1] for _ in range(2)] == ["miss", "hit"]
+    assert (await _chat(stack.client(api_key=await _tenant(stack, tenant)), question))[1] == "miss"
+    # Another key of the tenant, limited to two requests a minute: hits take milliseconds, so all
+    # three fall in one minute (the limit counts per calendar minute).
+    limited = stack.client(api_key=await _key(stack, tenant, limits=Limits(rpm=2)))
+    assert [(await _chat(limited, question))[1] for _ in range(2)] == ["hit", "hit"]
     with pytest.raises(Exception) as refused:
         await _chat(limited, question)
     assert getattr(refused.value, "status_code", None) == 429
+
+
+async def test_a_prepaid_hit_holds_like_a_run_and_gives_the_hold_back(cached_model, stack, nc, clickhouse):
+    tenant = f"cache-prepaid-{uuid.uuid4().hex[:8]}"
+    prepaid = stack.client(api_key=await _prepaid_tenant(stack, tenant))
+    await _grant(stack, nc, tenant, 1_000_000)
+    question = _ask(uuid.uuid4().hex)
+    (_, first, run_id), (_, again, hit_id) = [await _chat(prepaid, question) for _ in range(2)]
+    assert (first, again) == ("miss", "hit")
+    rows = await _rows(clickhouse, [run_id, hit_id])
+    run_cost = rows[run_id][3]
+    assert run_cost > 0 and rows[hit_id][0] is True and rows[hit_id][3] == 0
+
+    async def settled():  # both holds settled: only the run is paid for
+        return await credits.available(nc.jetstream(), tenant) == 1_000_000 - run_cost
+
+    await eventually(settled, timeout=20)
 
 
 async def test_ten_identical_requests_at_once_run_once(cached_model, client, clickhouse):
