@@ -31,8 +31,8 @@ def check_body(request: web.Request) -> None:
     if request.method not in ("POST", "PUT", "PATCH") or not request.body_exists:
         return
     kind = request.content_type  # aiohttp's default when the header is absent is octet-stream
-    upload = kind == "multipart/form-data" and route_takes_form(request)  # edge.forms reads it, every part bounded
-    if not upload and kind not in _JSON_TYPES and not kind.endswith("+json"):
+    form = route_takes_form(request)  # edge.forms.read_form takes its multipart body, or says what it wants
+    if not form and kind not in _JSON_TYPES and not kind.endswith("+json"):
         raise InvalidRequest(f"Content-Type {kind} is not supported: send a JSON body with "
                              "Content-Type: application/json.", code="unsupported_content_type")
     if (request.content_length or 0) > request.client_max_size:

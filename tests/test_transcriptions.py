@@ -198,6 +198,15 @@ async def test_bad_requests_are_400s_naming_the_field(whisper, stack, meter, fox
     assert body["error"]["param"] == param, body
 
 
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain"])
+async def test_a_body_that_is_no_form_is_told_to_be_one(whisper, stack, meter, content_type):
+    async with aiohttp.ClientSession() as http:
+        async with http.post(stack.base_url + "/v1/audio/transcriptions", data=b'{"model": "whisper-base"}',
+                             headers={"Authorization": f"Bearer {stack.api_key}", "Content-Type": content_type}) as resp:
+            status, body = resp.status, await resp.json()
+    assert status == 400 and "multipart/form-data" in body["error"]["message"], body
+
+
 async def test_translations_take_no_language(whisper, stack, meter, fox):
     status, body = await _post(stack, "/v1/audio/translations", {"model": WHISPER, "language": "en"}, fox,
                                stack.api_key)
