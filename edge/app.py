@@ -18,7 +18,7 @@ from bus.subjects import INFLIGHT_BUCKET, KEYS_BUCKET, RESPONSE_CACHE_BUCKET, TE
 from bus.account.tenant_store import TenancyStore, decode_key, decode_tenant
 from bus.watched import WatchedBucket
 from edge import (admin as admin_api, billing_api, chat, completions, embeddings, image_links, images, messages,
-                  models, response_cache, speech, tokenize, transcriptions, usage)
+                  models, openapi, response_cache, speech, tokenize, transcriptions, usage)
 from edge.admission import Gate
 from edge.auth import Authenticator
 from edge.errors import error_middleware
@@ -56,7 +56,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware, metrics_middleware], client_max_size=settings.edge.max_body_bytes)
     app[SETTINGS] = settings
     for endpoint in (chat, completions, embeddings, messages, tokenize, transcriptions, speech, images, image_links,
-                     models, usage, billing_api):  # one route table per endpoint module
+                     models, usage, billing_api, openapi):  # one route table per endpoint module
         app.add_routes(endpoint.routes)
     app.router.add_get("/healthz", healthz)
     admin = web.Application(middlewares=[admin_only])

@@ -7,6 +7,7 @@ from typing import TypeVar
 
 import msgspec
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError  # a part's headers that do not parse
 
 from bus.errors import InvalidRequest, PayloadTooLarge
 from bus.openai.decoding import invalid
@@ -101,7 +102,7 @@ async def read_form(request: web.Request, file_fields: frozenset[str]) -> Form:
             else:
                 form.fields[name] = text
         return form
-    except (ValueError, AssertionError, KeyError) as exc:  # aiohttp's word for a malformed body
+    except (ValueError, AssertionError, KeyError, HttpProcessingError) as exc:  # aiohttp's word for a malformed body
         raise InvalidRequest(f"The multipart body could not be read: {exc}") from None
 
 
