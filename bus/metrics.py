@@ -40,7 +40,9 @@ async def serve_metrics(host: str, port: int, collect: Collect | None = None) ->
                 await asyncio.wait_for(collect(), COLLECT_TIMEOUT_S)
             except Exception as exc:  # the bus is slow or away: the scrape still answers, those gauges stale
                 log.warning("metrics: reading JetStream state failed (%r); serving the last values", exc)
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # Rendering a large registry takes a busy edge's loop for a while (BENCHMARKS.md): a thread does it.
+        body = await asyncio.to_thread(generate_latest, REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
