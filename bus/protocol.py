@@ -322,6 +322,8 @@ class UsageEvent(msgspec.Struct, frozen=True):
     route: str = ""  # copied from the envelope: the route the client named (``model`` is the target that ran)
     route_request_id: str = ""  # the request id the client was given, shared by a route's attempts
     input_images: Count = 0  # images a vision chat model read, priced per image beside its tokens
+    # The request's W3C trace id (bus/tracing.py), "" when its envelope carried none.
+    trace_id: Annotated[str, Meta(pattern="^([0-9a-f]{32})?$")] = ""
 
 
 class UsageReport(msgspec.Struct, frozen=True):

@@ -18,6 +18,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from bus import tracing
 from bus.blobs import BLOB_THRESHOLD_BYTES, outline
 from bus.envelopes import seal
 from bus.errors import JS_STREAM_FULL, DeadlineExceeded, NoCapacity, QueueFull, TollgateError, WorkerFailed
@@ -155,6 +156,7 @@ class Publisher:
             hold_micros=hold_micros,
             route=route,
             route_request=route_request,
+            trace=tracing.carrier(),  # the current request's traceparent, or a new trace
         )
         try:
             envelope = await outline(self.js, envelope, self.blob_threshold)

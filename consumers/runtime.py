@@ -21,6 +21,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from bus import tracing
 from bus.blobs import inline, store_result
 from bus.envelopes import MSG_ID_HEADER, TICKET_HEADER, open_envelope, seal_usage
 from bus.errors import JS_STREAM_FULL, BadEnvelope, DeadlineExceeded, TollgateError, WorkerFailed
@@ -190,6 +191,7 @@ class Worker:
         try:
             envelope = open_envelope(msg.data, msg.headers, msg.subject, self._issuers.get, time.time(),
                                      self.settings.max_deadline_s)
+            tracing.CURRENT.set(envelope.trace.get(tracing.HEADER, ""))  # this task's log lines name its trace
             if envelope.model != self.model:
                 raise BadEnvelope(f"envelope for {envelope.model} on {self.model}'s queue")
             if envelope.kind not in self.backend.kinds or envelope.kind not in KINDS:
@@ -295,6 +297,7 @@ class Worker:
             input_images=outcome.units.input_images,
             route=envelope.route,
             route_request_id=envelope.route_request,
+            trace_id=tracing.trace_id(envelope.trace),
         )
 
     async def _keepalive(self, replies: _Replies, msg: Msg) -> None:

@@ -23,6 +23,7 @@ from edge.admission import Gate
 from edge.auth import Authenticator
 from edge.errors import error_middleware
 from edge.metrics import exposed as metrics_exposed, metrics_middleware
+from edge.tracing import trace_middleware
 from edge.ratelimit import InFlight, RateLimiter
 from edge.routing import RoutingPublisher
 from edge.quota import QuotaGate
@@ -53,7 +54,8 @@ def edge_identity_path(settings: Settings) -> Path:
 
 def create_app(settings: Settings) -> web.Application:
     """Build the edge application; it connects to NATS when it starts."""
-    app = web.Application(middlewares=[error_middleware, metrics_middleware], client_max_size=settings.edge.max_body_bytes)
+    app = web.Application(middlewares=[trace_middleware, error_middleware, metrics_middleware],
+                          client_max_size=settings.edge.max_body_bytes)
     app[SETTINGS] = settings
     for endpoint in (chat, completions, embeddings, messages, tokenize, transcriptions, speech, images, image_links,
                      models, usage, billing_api, openapi):  # one route table per endpoint module

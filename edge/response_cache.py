@@ -38,6 +38,7 @@ import nats.js.errors
 from aiohttp import web
 from nats.js.kv import KeyValue
 
+from bus import tracing
 from bus.account.prices import Units
 from bus.envelopes import seal_usage
 from bus.protocol import ChatBody, CompletionBody, Count, Envelope, Final, RequestBody, Usage, UsageEvent, encode
@@ -255,6 +256,7 @@ class ResponseCache:
             first_token_at=envelope.created, finished_at=time.time(), input_units=kept.prompt_tokens,
             output_units=kept.completion_tokens, unit="tokens", cost_micros=math.ceil(full * spec.cache.price_ratio),
             status="ok", cache_hit=True, worker_id=self._publisher.publisher_id, hold_micros=envelope.hold_micros,
+            trace_id=tracing.trace_id(tracing.carrier()),  # the hit's own request's trace
         )
         identity, ticket = self._publisher.identity, envelope.ticket()
         data, headers = seal_usage(event, ticket, identity.sign(encode(ticket)), identity)

@@ -11,6 +11,7 @@ from pathlib import Path
 import uvloop
 
 from bus.settings import Settings, SettingsError, load_settings
+from bus.tracing import TraceIds
 from infra.deploy_cli import add_commands as add_deploy_commands
 from infra.nats.roles import role_credentials, worker_role
 from infra.billing_cli import add_commands as add_billing_commands
@@ -280,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     uvloop.install()  # the edge and workers spend their time in the event loop: uvloop's is faster
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [trace %(trace_id)s]: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(TraceIds())  # the trace id of the request a line was written for
     args.config_path = _config_path(args.config)
     try:
         settings = load_settings(args.config_path)
