@@ -77,6 +77,12 @@ async def test_mp3_is_the_default_and_a_voice_may_be_an_object(piper, client):
     assert reply.response.headers["content-type"] == "audio/mpeg" and _is_mp3(reply.content)
 
 
+async def test_control_characters_are_read_around(piper, client):
+    audio = (await client.audio.speech.create(model=piper, voice="alloy", input="Hello\x00 there.\x07",
+                                              response_format="wav")).content
+    assert 0.3 < _seconds(audio) < 3
+
+
 async def test_speed_shortens_the_audio(piper, client):
     normal, fast = [_seconds((await client.audio.speech.create(model=piper, voice="alloy", input=PARIS,
                                                                response_format="wav", speed=speed)).content)

@@ -28,7 +28,7 @@ _WORD_BREAK = " "  # the phoneme espeak-ng puts between words
 def _pieces(voice: PiperVoice, text: str) -> list[list[str]]:
     """``text``'s phonemes, one list per piece to synthesize: sentences, long ones cut between words."""
     pieces = []
-    for sentence in voice.phonemize(text):
+    for sentence in voice.phonemize(text.replace("\0", " ")):  # espeak-ng takes C strings, which hold no NUL
         while len(sentence) > MAX_PIECE_PHONEMES:
             # At the last word break within the limit; a "word" longer than the limit is cut where it must be.
             cut = next((i for i in range(MAX_PIECE_PHONEMES, 0, -1) if sentence[i] == _WORD_BREAK), MAX_PIECE_PHONEMES)
