@@ -26,7 +26,7 @@ from bus.ids import new_request_id
 from bus.liveness import LiveWorkers, announced
 from bus.protocol import Chunk, Delta, Envelope, Failed, Final, Frame, RequestBody, Started, decode_frame
 from bus.signing import Identity
-from bus.subjects import CANCELLED_BUCKET, PUBLISHERS_BUCKET, WORKERS_BUCKET, cancel_subject, reply_subject, reply_wildcard, request_subject
+from bus.subjects import CANCELLED_BUCKET, PUBLISHERS_BUCKET, WORKERS_BUCKET, bell_subject, cancel_subject, reply_subject, reply_wildcard, request_subject
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,7 @@ class Publisher:
             except nats.errors.MaxPayloadError:
                 queued = False  # refused by the client library before anything was sent
                 raise
+            await self.nc.publish(bell_subject(lane, model), b"")
             yield call
         finally:
             del self._calls[request_id]

@@ -52,9 +52,16 @@ def request_subject(lane: str, model: str) -> str:
     return f"tg.req.{lane}.{token(model)}"
 
 
-def request_wildcard(model: str) -> str:
-    """Every lane's work for one model: the worker's doorbell."""
-    return f"tg.req.*.{token(model)}"
+def bell_subject(lane: str, model: str) -> str:
+    """Rung by a publisher once its work is stored (acked), never before: a worker that pulls on
+    hearing it finds the message. (A subscription to the work subject itself could hear a publish
+    before JetStream had stored it, pull too early, and sleep until its next rescan.)"""
+    return f"tg.bell.{lane}.{token(model)}"
+
+
+def bell_wildcard(model: str) -> str:
+    """Every lane's doorbell for one model."""
+    return f"tg.bell.*.{token(model)}"
 
 
 def work_consumer(model: str, lane: str) -> str:

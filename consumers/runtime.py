@@ -35,7 +35,7 @@ from bus.provision import ensure_work_consumers
 from bus.settings import ModelSpec, Settings
 from bus.signing import Identity
 from bus.subjects import (
-    CANCEL_WILDCARD, CANCELLED_BUCKET, PUBLISHERS_BUCKET, WORKERS_BUCKET, liveness_key, request_wildcard, usage_subject,
+    CANCEL_WILDCARD, CANCELLED_BUCKET, PUBLISHERS_BUCKET, WORKERS_BUCKET, liveness_key, bell_wildcard, usage_subject,
 )
 from consumers.backends.base import Backend
 from consumers import metrics
@@ -100,7 +100,7 @@ class Worker:
         self._cancelled = await self.js.key_value(CANCELLED_BUCKET)
         subs = [
             await self.nc.subscribe(CANCEL_WILDCARD, cb=self._on_cancel),
-            await self.nc.subscribe(request_wildcard(self.model), cb=self._on_doorbell),
+            await self.nc.subscribe(bell_wildcard(self.model), cb=self._on_doorbell),
             *await serve_tokenize(self.nc, self.model, self.backend),  # answered beside the work, never queued
         ]
         workers_kv = await self.js.key_value(WORKERS_BUCKET)

@@ -11,7 +11,7 @@ from bus import blobs
 from bus.provision import ensure_work_consumers
 from bus.subjects import (
     ISSUERS_BUCKET, KEYS_BUCKET, LANES, REQUEST_BLOBS_BUCKET, REQUESTS_STREAM, WORKERS_BUCKET, budget_event_subject, liveness_key, request_subject,
-    request_wildcard, tokenize_subject, usage_subject, work_consumer,
+    bell_wildcard, tokenize_subject, usage_subject, work_consumer,
 )
 from bus.account.tenants import key_id_of
 from infra import supervisor
@@ -92,17 +92,17 @@ async def test_a_worker_of_one_model_cannot_pull_be_rung_for_or_retarget_another
                     f"$JS.API.CONSUMER.CREATE.{REQUESTS_STREAM}.{mine}")
         for subject in retarget:
             await worker.publish(subject, b"{}", reply=inbox)
-        await worker.subscribe(request_wildcard(OTHER_MODEL))  # the other model's doorbell
-        await worker.subscribe(request_wildcard(CHAT_MODEL))  # its own: allowed
+        await worker.subscribe(bell_wildcard(OTHER_MODEL))  # the other model's doorbell
+        await worker.subscribe(bell_wildcard(CHAT_MODEL))  # its own: allowed
         await worker.subscribe(tokenize_subject(OTHER_MODEL))  # the other model's tokenize asks
         await worker.subscribe(tokenize_subject(CHAT_MODEL))  # its own: allowed (outside the queue group: steals no ask)
         await worker.flush()
         await asyncio.sleep(0.5)
         with pytest.raises(nats.errors.TimeoutError):
             await pulled.next_msg(timeout=0.5)
-        for subject in (steal, *retarget, request_wildcard(OTHER_MODEL), tokenize_subject(OTHER_MODEL)):
+        for subject in (steal, *retarget, bell_wildcard(OTHER_MODEL), tokenize_subject(OTHER_MODEL)):
             assert violations.refused(subject), (subject, violations.seen)
-        assert not violations.refused(request_wildcard(CHAT_MODEL))
+        assert not violations.refused(bell_wildcard(CHAT_MODEL))
         assert not violations.refused(tokenize_subject(CHAT_MODEL))
         assert (await js.consumer_info(REQUESTS_STREAM, theirs)).num_pending == 1  # still there
     finally:

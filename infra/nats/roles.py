@@ -39,7 +39,7 @@ from bus.subjects import (
     RESULT_BLOBS_BUCKET,
     WORKERS_BUCKET,
     request_subject,
-    request_wildcard,
+    bell_wildcard,
     token,
     tokenize_subject,
     work_consumer,
@@ -124,7 +124,7 @@ def permissions(role: str) -> dict:
     if role == "admin":
         return {"publish": [">"], "subscribe": [">"]}
     if role == "edge":
-        pub = ["tg.req.>", "tg.cancel.>", "tg.rl.>", USAGE_QUERY_SUBJECT, "tg.tokenize.*", *_kv_write(CANCELLED_BUCKET), *_kv_write(INFLIGHT_BUCKET),
+        pub = ["tg.req.>", "tg.bell.>", "tg.cancel.>", "tg.rl.>", USAGE_QUERY_SUBJECT, "tg.tokenize.*", *_kv_write(CANCELLED_BUCKET), *_kv_write(INFLIGHT_BUCKET),
                *_kv_write(TENANTS_BUCKET), *_kv_write(KEYS_BUCKET), *_kv_read(WORKERS_BUCKET), *_kv_read(ISSUERS_BUCKET),
                *_kv_write(PUBLISHERS_BUCKET),  # announces itself: workers drop a dead edge's work
                # credit holds and their ends, ledger entries from the admin API under ids claimed per
@@ -150,7 +150,7 @@ def permissions(role: str) -> dict:
                *_blob_read(REQUEST_BLOBS_BUCKET), *_blob_write(RESULT_BLOBS_BUCKET)]
         # Its model's doorbell, its model's tokenize asks (answered: allow_responses) and every cancel;
         # never publish work.
-        sub = [request_wildcard(model), tokenize_subject(model), "tg.cancel.*"]
+        sub = [bell_wildcard(model), tokenize_subject(model), "tg.cancel.*"]
     elif role == "billing":
         # Deleting its consumer is only for moving an older meter's consumer to explicit acks.
         pub = [*_consume(USAGE_STREAM), f"$JS.API.CONSUMER.DELETE.{USAGE_STREAM}.{METER_CONSUMER}",
@@ -163,7 +163,7 @@ def permissions(role: str) -> dict:
         sub = [USAGE_QUERY_SUBJECT]  # it answers usage queries (allow_responses, below)
     elif role.startswith("svc:"):
         name = role.removeprefix("svc:")
-        pub = ["tg.req.>", "tg.cancel.>", *_kv_write(CANCELLED_BUCKET), *_kv_read(WORKERS_BUCKET),
+        pub = ["tg.req.>", "tg.bell.>", "tg.cancel.>", *_kv_write(CANCELLED_BUCKET), *_kv_read(WORKERS_BUCKET),
                *_kv_write(PUBLISHERS_BUCKET), *_blob_write(REQUEST_BLOBS_BUCKET), *_blob_read(RESULT_BLOBS_BUCKET)]
         sub = [f"tg.reply.{name}.>"]  # its own replies, nobody else's
     else:
