@@ -10,7 +10,7 @@ import pytest
 from bus import blobs
 from bus.provision import ensure_work_consumers
 from bus.subjects import (
-    ISSUERS_BUCKET, KEYS_BUCKET, LANES, REQUEST_BLOBS_BUCKET, REQUESTS_STREAM, WORKERS_BUCKET, budget_event_subject, liveness_key, request_subject,
+    CANCELLED_BUCKET, ISSUERS_BUCKET, KEYS_BUCKET, LANES, REQUEST_BLOBS_BUCKET, REQUESTS_STREAM, WORKERS_BUCKET, budget_event_subject, liveness_key, request_subject,
     bell_wildcard, tokenize_subject, usage_subject, work_consumer,
 )
 from bus.account.tenants import key_id_of
@@ -166,3 +166,40 @@ async def test_billing_cannot_touch_work_or_tenants(stack):
         await (await billing.jetstream().key_value(KEYS_BUCKET)).get(key_id_of(stack.api_key))
     await billing.close()
     assert violations.seen
+
+
+async def test_a_watch_keeps_up_when_the_server_asks_for_flow_control(stack, nc):
+    """A KV watch (how edges follow workers, tenants and keys) is an ordered consumer with flow
+    control: its user must be allowed to answer, or once enough is in flight the server stalls the
+    watch and the edge silently stops seeing changes (new workers never served)."""
+    violations = Violations()
+    edge = await stack.connect("edge", error_cb=violations.callback)
+    try:
+        # A bucket no process watches, so the probe's keys disturb nothing.
+        kv = await edge.jetstream().key_value(CANCELLED_BUCKET)
+        watcher = await kv.watch("flow-control-probe.>")
+        admin_kv = await nc.jetstream().key_value(CANCELLED_BUCKET)
+        value = b"x" * 8192
+        last = None
+        for i in range(400):  # ~3 MiB: far past what the server sends before it asks for flow control
+            last = f"flow-control-probe.{i}"
+            await admin_kv.put(last, value)
+
+        seen = 0
+
+        async def saw_the_last():
+            nonlocal seen
+            async for entry in watcher:
+                seen += 1
+                if entry is not None and entry.key == last:
+                    return
+
+        try:
+            await asyncio.wait_for(saw_the_last(), timeout=20)
+        except TimeoutError:
+            raise AssertionError(f"the watch stalled after {seen} of 400 changes: {violations.seen[:1]}") from None
+        assert not any("permissions violation" in v.lower() for v in violations.seen), violations.seen
+    finally:
+        for i in range(400):
+            await admin_kv.purge(f"flow-control-probe.{i}")
+        await edge.close()

@@ -68,6 +68,9 @@ def _kv_read(bucket: str) -> list[str]:
         f"$JS.API.CONSUMER.DELETE.{stream}.>",
         f"$JS.API.DIRECT.GET.{stream}.>",
         f"$JS.API.STREAM.MSG.GET.{stream}",
+        # A watcher's flow-control answers: refused, the server stalls the watch once enough is in
+        # flight, and the watcher silently stops seeing changes (an edge then never saw new workers).
+        f"$JS.FC.{stream}.>",
     ]
 
 
