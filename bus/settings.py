@@ -164,6 +164,8 @@ class Wheel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 # The wire formats a provider worker speaks (consumers/backends/providers/).
 PROVIDER_APIS = ("openai", "anthropic", "gemini")
+# The audio and image kinds a provider model may have: OpenAI-compatible upstreams only.
+MEDIA_KINDS = ("transcription", "speech", "images")
 # A provider worker waits on the network, not on a model: it runs this many requests at once unless told.
 PROVIDER_CONCURRENCY = 256
 
@@ -472,9 +474,9 @@ def _check_providers(settings: Settings) -> None:
         if spec.backend not in ("transformers", provider.api):  # "transformers" is the default left unset
             raise SettingsError(f"model {name}: backend {spec.backend!r}, but provider {spec.provider} speaks {provider.api}")
         spec.backend, spec.upstream = provider.api, provider
-        if spec.kind not in ("chat", "embeddings") or (spec.kind == "embeddings" and provider.api != "openai"):
-            raise SettingsError(f"model {name}: {provider.api} providers serve chat"
-                                f"{' and embeddings' if provider.api == 'openai' else ''}, not {spec.kind}")
+        kinds = ("chat", "embeddings", *MEDIA_KINDS) if provider.api == "openai" else ("chat",)
+        if spec.kind not in kinds:
+            raise SettingsError(f"model {name}: {provider.api} providers serve {', '.join(kinds)}, not {spec.kind}")
         spec.upstream_model = spec.upstream_model or name
 
 

@@ -95,6 +95,9 @@ BACKENDS: dict[tuple[str, str], Callable[[ModelSpec, str], Backend]] = {
     ("speech", "piper"): _piper,
     ("chat", "openai"): _provider,
     ("embeddings", "openai"): _provider,
+    ("transcription", "openai"): _provider,
+    ("speech", "openai"): _provider,
+    ("images", "openai"): _provider,
     ("chat", "anthropic"): _provider,
     ("chat", "gemini"): _provider,
 }

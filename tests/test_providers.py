@@ -4,20 +4,27 @@ double of each upstream (tests/provider_doubles) -> usage rows in ClickHouse."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import time
+import wave
 
 import openai
 import pytest
+from PIL import Image
 
 from bus.account import credits
 from bus.settings import RouteSettings, RouteTarget, SettingsError, load_settings
 from edge.routing import ordered
 from infra.nats import roles
 from tests.conftest import eventually
-from tests.provider_doubles.server import CACHED, KEYS, Behaviour, Double, reply_to, start
+from tests.provider_doubles.server import (
+    CACHED, HEARD, KEYS, SPEECH_RATE, SPEECH_SAMPLES_PER_CHARACTER, Behaviour, Double, reply_to, start, tone,
+)
 from tests.test_credits import _grant, _prepaid_tenant
 
-MODELS = ("up-gpt", "up-gpt-b", "up-embed", "up-claude", "up-gemini", "up-misconfigured")
+MODELS = ("up-gpt", "up-gpt-b", "up-embed", "up-claude", "up-gemini", "up-misconfigured", "up-whisper", "up-tts",
+          "up-image", "up-whisper-misconfigured")
 ENV = {"TG_TEST_OPENAI_KEY": KEYS["openai"], "TG_TEST_ANTHROPIC_KEY": KEYS["anthropic"],
        "TG_TEST_GEMINI_KEY": KEYS["gemini"], "TG_TEST_WRONG_KEY": "sk-wrong-key-0badc0ffee"}
 QUESTION = "what is the capital of France"
@@ -116,6 +123,99 @@ async def test_a_chat_only_upstream_refuses_raw_prompts_with_a_400(fresh, client
     with pytest.raises(openai.BadRequestError) as caught:
         await client.completions.create(model="up-claude", prompt="hello")
     assert caught.value.body["param"] == "model"
+
+
+# -- audio and images through an OpenAI-compatible upstream ------------------------
+
+
+def silence(seconds: float, rate: int = 16_000) -> bytes:
+    """A mono 16-bit WAV of ``seconds`` of silence."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\0\0" * int(seconds * rate))
+    return out.getvalue()
+
+
+def png(side: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (255, 0, 0)).save(out, format="PNG")
+    return out.getvalue()
+
+
+async def test_a_transcription_and_a_translation_billed_by_the_upstreams_duration(fresh, client, clickhouse):
+    heard = await client.audio.transcriptions.create(
+        model="up-whisper", file=("hi.wav", silence(2.5)), response_format="verbose_json", language="en",
+        timestamp_granularities=["word", "segment"])
+    assert heard.text == HEARD and heard.duration == 2.5
+    assert [w.word for w in heard.words] == HEARD.split() and heard.segments[0].end == 2.5
+    sent = fresh.received[-1]
+    assert sent["path"] == "/openai/v1/audio/transcriptions" and sent["headers"]["Content-Type"].startswith(
+        "multipart/form-data") and sent["headers"]["Authorization"] == f"Bearer {KEYS['openai']}"
+    assert sent["body"]["file"].filename == "audio.wav" and sent["body"]["model"] == "whisper-test"
+    assert sent["body"]["response_format"] == "verbose_json" and sent["body"]["language"] == "en"
+    assert sent["body"]["timestamp_granularities[]"] == ["segment", "word"]
+    translated = await client.audio.translations.create(model="up-whisper", file=("hi.wav", silence(1.2)))
+    assert translated.text == "translated: " + HEARD
+    assert fresh.received[-1]["path"] == "/openai/v1/audio/translations"
+    assert "timestamp_granularities[]" not in fresh.received[-1]["body"]
+    found = await rows(clickhouse, "model = 'up-whisper' AND status = 'ok'", {}, 2)
+    assert [(r["input_units"], r["cost_micros"]) for r in found[-2:]] == [(3, 15), (2, 10)]  # started seconds, 5 each
+
+
+async def test_speech_streams_the_upstreams_audio_and_bills_its_characters(fresh, client, clickhouse):
+    text = "Read this aloud, please."
+    pieces = []
+    async with client.audio.speech.with_streaming_response.create(model="up-tts", voice="nova", input=text,
+                                                                  response_format="pcm") as response:
+        async for data in response.iter_bytes():
+            pieces.append(data)
+    assert b"".join(pieces) == tone(len(text))  # the upstream's samples, unchanged
+    assert len(pieces) > 1  # streamed, not gathered
+    sent = fresh.received[-1]["body"]
+    assert sent == {"model": "tts-test", "input": text, "voice": "nova", "response_format": "pcm", "speed": 1.0}
+    wav = await client.audio.speech.create(model="up-tts", voice="alloy", input=text, response_format="wav")
+    with wave.open(io.BytesIO(wav.content)) as w:  # re-encoded as the client asked
+        assert w.getframerate() == SPEECH_RATE  # a streamed WAV's header cannot say its length: its data does
+        assert len(w.readframes(2**31 - 1)) == 2 * len(text) * SPEECH_SAMPLES_PER_CHARACTER
+    found = await rows(clickhouse, "model = 'up-tts' AND status = 'ok'", {}, 2)
+    assert [(r["input_units"], r["cost_micros"]) for r in found[-2:]] == [(len(text), 3 * len(text))] * 2
+
+
+async def test_images_drawn_and_edited_upstream_billed_by_size(fresh, client, clickhouse):
+    drawn = await client.images.generate(model="up-image", prompt="a red square", size="64x64", n=2,
+                                         response_format="b64_json")
+    assert [Image.open(io.BytesIO(base64.b64decode(d.b64_json))).size for d in drawn.data] == [(64, 64)] * 2
+    assert fresh.received[-1]["body"] == {"model": "image-test", "prompt": "a red square", "n": 2, "size": "64x64",
+                                          "response_format": "b64_json"}
+    edited = await client.images.edit(model="up-image", image=("in.png", png(32)), mask=("m.png", png(32)),
+                                      prompt="make it blue", size="32x32", response_format="b64_json")
+    assert Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json))).size == (32, 32)
+    sent = fresh.received[-1]
+    assert sent["path"] == "/openai/v1/images/edits" and sent["body"]["image"].filename == "image.png"
+    assert sent["body"]["mask"].filename == "mask.png" and sent["body"]["size"] == "32x32"
+    found = await rows(clickhouse, "model = 'up-image' AND status = 'ok'", {}, 2)
+    assert [(r["output_units"], r["cost_micros"]) for r in found[-2:]] == [(2, 1400), (1, 200)]
+
+
+async def test_an_upstream_400_on_audio_is_the_clients_unbilled_and_a_bad_key_stays_hidden(fresh, stack, client,
+                                                                                            clickhouse):
+    fresh.plan("whisper-test", Behaviour("status", 400))
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.audio.transcriptions.create(model="up-whisper", file=("hi.wav", silence(1.0)))
+    assert "scripted 400" in caught.value.message and fresh.calls["whisper-test"] == 1
+    with pytest.raises(openai.APIStatusError) as refused:  # the double quotes the wrong key back, as OpenAI does
+        await client.audio.transcriptions.create(model="up-whisper-misconfigured", file=("hi.wav", silence(1.0)))
+    assert refused.value.status_code == 503 and refused.value.body["code"] == "upstream_unavailable"
+    assert fresh.received[-1]["headers"]["Authorization"] == f"Bearer {ENV['TG_TEST_WRONG_KEY']}"  # it was sent
+    found = await rows(clickhouse, "model IN ('up-whisper', 'up-whisper-misconfigured') AND status = 'error'", {}, 2)
+    assert len(found) >= 2 and all(r["cost_micros"] == 0 for r in found)
+    logs = b"".join(path.read_bytes() for path in stack.tmp.glob("*.log"))
+    for secret in ENV["TG_TEST_WRONG_KEY"], KEYS["openai"]:
+        assert secret not in refused.value.response.text and secret not in caught.value.response.text
+        assert secret.encode() not in logs
 
 
 # -- errors ------------------------------------------------------------------------

@@ -7,16 +7,26 @@ does. Tests script failures per upstream model (``Double.plan``) and read what i
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
+import math
+import re
+import wave
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from functools import partial
 
 from aiohttp import web
+from PIL import Image
 
 KEYS = {"openai": "sk-test-openai-5f1d9c", "anthropic": "sk-ant-test-77ab31", "gemini": "AIza-test-gemini-42"}
 ANTHROPIC_VERSION = "2023-06-01"
 CACHED = 2  # prompt tokens each answer reports as read from the provider's prompt cache
+HEARD = "the double heard you"  # what every transcription says
+SPEECH_RATE = 24_000  # OpenAI's pcm: 16-bit little-endian mono at 24 kHz
+SPEECH_SAMPLES_PER_CHARACTER = 240  # 10 ms of tone a character read
+AUDIO_EXTENSIONS = ("flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "wav", "webm")
 
 
 @dataclass
@@ -80,8 +90,18 @@ def reply_to(last: str) -> list[str]:
     return [w + " " for w in ("Echo: " + last).split()]
 
 
+def tone(characters: int) -> bytes:
+    """What the double's speech says for an input of ``characters``: PCM of a tone, 10 ms a character."""
+    samples = range(characters * SPEECH_SAMPLES_PER_CHARACTER)
+    return b"".join(int(8000 * math.sin(i / 8)).to_bytes(2, "little", signed=True) for i in samples)
+
+
 def make_app(double: Double) -> web.Application:
     async def read(request: web.Request, seen: dict) -> dict:
+        if request.content_type == "multipart/form-data":  # what the audio and image edit endpoints take
+            form = await request.post()
+            body = seen["body"] = {k: form.getall(k) if k.endswith("[]") else form[k] for k in form}
+            return body
         _require(request.content_type == "application/json", "Content-Type must be application/json")
         body = seen["body"] = await request.json()
         _require(isinstance(body, dict), "the body must be a JSON object")
@@ -195,6 +215,84 @@ def make_app(double: Double) -> web.Application:
         return web.json_response({"object": "list", "data": data, "model": model,
                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
+    def upload(body: dict, name: str, extensions: tuple[str, ...]) -> bytes:
+        """A multipart file field, whose name's extension says its format (as OpenAI reads it)."""
+        field = body.get(name)
+        _require(isinstance(field, web.FileField), f"{name} is required and must be a file")
+        _require(field.filename.rpartition(".")[2] in extensions,
+                 f"Invalid file format. Supported formats: {list(extensions)}")
+        return field.file.read()
+
+    async def transcriptions(request, body, model, behaviour):
+        audio = upload(body, "file", AUDIO_EXTENSIONS)
+        _require(body.get("response_format", "json") in ("json", "text", "srt", "verbose_json", "vtt"),
+                 "invalid response_format")
+        granularities = body.get("timestamp_granularities[]", [])
+        _require(set(granularities) <= {"word", "segment"}, "invalid timestamp_granularities")
+        _require(not granularities or body.get("response_format") == "verbose_json",
+                 "timestamp_granularities requires response_format verbose_json")
+        _require(request.path.endswith("/transcriptions") or "language" not in body, "language is not allowed")
+        _require(body["file"].filename.endswith(".wav"), "this double hears wav only")
+        with wave.open(io.BytesIO(audio)) as heard:
+            duration = heard.getnframes() / heard.getframerate()
+        text = HEARD if request.path.endswith("/transcriptions") else "translated: " + HEARD
+        if body.get("response_format", "json") != "verbose_json":
+            return web.json_response({"text": text})
+        answer = {"task": "transcribe", "language": "english", "duration": duration, "text": text}
+        if not granularities or "segment" in granularities:
+            answer["segments"] = [{"id": 0, "seek": 0, "start": 0.0, "end": duration, "text": text, "tokens": [50364, 1],
+                                   "temperature": 0.0, "avg_logprob": -0.25, "compression_ratio": 1.1,
+                                   "no_speech_prob": 0.01}]
+        if "word" in granularities:
+            step = duration / len(text.split())
+            answer["words"] = [{"word": w, "start": i * step, "end": (i + 1) * step}
+                               for i, w in enumerate(text.split())]
+        return web.json_response(answer)
+
+    async def speech(request, body, model, behaviour):
+        _require(isinstance(body.get("input"), str) and 0 < len(body["input"]) <= 4096, "input is required")
+        _require(isinstance(body.get("voice"), str) and body["voice"], "voice is required")
+        _require(body.get("response_format", "mp3") in ("mp3", "opus", "aac", "flac", "wav", "pcm"),
+                 "invalid response_format")
+        _require(0.25 <= body.get("speed", 1.0) <= 4.0, "speed must be between 0.25 and 4")
+        _require(body.get("response_format") == "pcm", "this double speaks pcm only")
+        pcm = tone(len(body["input"]))
+        response = web.StreamResponse(headers={"Content-Type": "audio/pcm"})
+        await response.prepare(request)
+        for start in range(0, len(pcm), 4801):  # odd-sized pieces: samples split between them, as networks do
+            if behaviour.kind == "drop" and start // 4801 == behaviour.pieces:
+                request.transport.close()
+                return response
+            await response.write(pcm[start:start + 4801])
+        return response
+
+    def drawn(body: dict, model: str) -> web.Response:
+        _require(isinstance(body.get("prompt"), str) and body["prompt"], "prompt is required")
+        size = re.fullmatch(r"(\d+)x(\d+)", str(body.get("size", "1024x1024")))
+        _require(size is not None, "invalid size")
+        n = int(body.get("n", 1))
+        _require(1 <= n <= 10, "n must be between 1 and 10")
+        _require(body.get("response_format") in ("url", "b64_json"), "invalid response_format")
+        _require(body["response_format"] == "b64_json", "this double answers b64_json only")
+        data = []
+        for i in range(n):
+            png = io.BytesIO()
+            Image.new("RGB", (int(size[1]), int(size[2])), (40 * i, 90, 200)).save(png, format="PNG")
+            data.append({"b64_json": base64.b64encode(png.getvalue()).decode()})
+        return web.json_response({"created": 1, "data": data})
+
+    async def generations(request, body, model, behaviour):
+        _require(isinstance(body.get("n", 1), int), "n must be an integer")
+        return drawn(body, model)
+
+    async def edits(request, body, model, behaviour):
+        image = upload(body, "image", ("png", "jpeg", "jpg", "webp"))
+        if "mask" in body:
+            mask = upload(body, "mask", ("png",))
+            _require(Image.open(io.BytesIO(mask)).size == Image.open(io.BytesIO(image)).size,
+                     "mask must be the image's size")
+        return drawn(body, model)
+
     # -- Anthropic ----------------------------------------------------------------
 
     async def messages(request, body, model, behaviour):
@@ -282,10 +380,13 @@ def make_app(double: Double) -> web.Application:
             return _refuse(404, f"method {method} not found", "gemini")
         return await handle(request, "gemini", name, generate)
 
-    app = web.Application()
+    app = web.Application(client_max_size=32 * 1024 * 1024)
     app.router.add_post("/openai/v1/chat/completions", partial(handle, api="openai", model=None, respond=chat))
     app.router.add_post("/openai/v1/completions", partial(handle, api="openai", model=None, respond=completions))
     app.router.add_post("/openai/v1/embeddings", partial(handle, api="openai", model=None, respond=embeddings))
+    for path, respond in (("audio/transcriptions", transcriptions), ("audio/translations", transcriptions),
+                          ("audio/speech", speech), ("images/generations", generations), ("images/edits", edits)):
+        app.router.add_post(f"/openai/v1/{path}", partial(handle, api="openai", model=None, respond=respond))
     app.router.add_post("/anthropic/v1/messages", partial(handle, api="anthropic", model=None, respond=messages))
     app.router.add_post("/gemini/v1beta/models/{call}", gemini)
     return app

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from bus.settings import ModelSpec
+from bus.settings import MEDIA_KINDS, ModelSpec
 from consumers.backends.base import Backend
 from consumers.backends.providers import anthropic, gemini
 from consumers.backends.providers.anthropic import AnthropicMessages
 from consumers.backends.providers.gemini import GeminiChat
 from consumers.backends.providers.http import Upstream
 from consumers.backends.providers.openai import OpenAICompatible
+from consumers.backends.providers.openai_media import OpenAIMedia
 
 _BACKENDS = {"openai": OpenAICompatible, "anthropic": AnthropicMessages, "gemini": GeminiChat}
 
@@ -35,4 +36,6 @@ def provider_backend(spec: ModelSpec, env: Mapping[str, str]) -> Backend:
             raise ValueError(f"provider {spec.provider}: the environment variable {upstream.api_key_env} "
                              "holding its API key is not set")
     session = Upstream(spec.provider, upstream, _HEADERS[upstream.api](key), secret=key)
+    if spec.kind in MEDIA_KINDS:  # only OpenAI-compatible upstreams have them (the settings check says so)
+        return OpenAIMedia(spec, session)
     return _BACKENDS[upstream.api](spec, session)

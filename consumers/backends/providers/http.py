@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Union
 
 import aiohttp
 import msgspec
@@ -31,6 +31,9 @@ MAX_LINE_BYTES = 4 * 1024 * 1024
 # How much of a refusal's body is read for its message.
 _MAX_ERROR_BYTES = 16 * 1024
 _encode = msgspec.json.Encoder().encode
+# What a request sends: a JSON object, or what makes a multipart form (made afresh for each try:
+# aiohttp sends a form once).
+Payload = Union[dict, Callable[[], aiohttp.FormData]]
 
 
 class _Refusal(msgspec.Struct):
@@ -49,7 +52,7 @@ class Upstream:
 
     def __init__(self, name: str, settings: ProviderSettings, headers: dict[str, str], secret: str = ""):
         self.name, self.settings = name, settings
-        self._headers = {"Content-Type": "application/json", **headers}
+        self._headers = headers  # a form's content type names its boundary: aiohttp sets it
         self._secret = secret
         self._session: aiohttp.ClientSession | None = None
 
@@ -67,7 +70,7 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
 
-    async def post_json(self, path: str, payload: dict, decode: Callable[[bytes], object],
+    async def post_json(self, path: str, payload: Payload, decode: Callable[[bytes], object],
                         cancel: asyncio.Event) -> object | None:
         """POST ``payload`` and decode the whole answer, retrying what may be retried; None once cancelled."""
         async def exchange() -> object:
@@ -80,6 +83,18 @@ class Upstream:
     async def events(self, path: str, payload: dict, cancel: asyncio.Event) -> AsyncIterator[AsyncIterator[tuple[str, bytes]] | None]:
         """POST ``payload`` for a stream of server-sent events; yields its ``(event, data)`` pairs, or
         None if cancelled before it began. Opening is retried; once events flow, a failure is raised."""
+        async with self._streamed(path, payload, cancel) as response:
+            yield None if response is None else self._events(response, cancel)
+
+    @contextlib.asynccontextmanager
+    async def chunks(self, path: str, payload: dict, cancel: asyncio.Event) -> AsyncIterator[AsyncIterator[bytes] | None]:
+        """POST ``payload`` for a body streamed as it is made (speech); yields its bytes as they arrive,
+        or None if cancelled before it began. Opening is retried; once bytes flow, a failure is raised."""
+        async with self._streamed(path, payload, cancel) as response:
+            yield None if response is None else self._chunks(response, cancel)
+
+    @contextlib.asynccontextmanager
+    async def _streamed(self, path: str, payload: dict, cancel: asyncio.Event) -> AsyncIterator[aiohttp.ClientResponse | None]:
         response = await self._retried(lambda: self._open(path, payload), cancel)
         if response is None:
             yield None
@@ -87,10 +102,29 @@ class Upstream:
         # A cancel closes the connection, which ends a read waiting on a silent upstream at once.
         watcher = asyncio.ensure_future(_close_on(cancel, response))
         try:
-            yield self._events(response, cancel)
+            yield response
         finally:
             watcher.cancel()
             response.close()  # a stream left early is not reused: its connection is dropped
+
+    async def _chunks(self, response: aiohttp.ClientResponse, cancel: asyncio.Event) -> AsyncIterator[bytes]:
+        # As for events: the first-byte timeout until the first bytes, the silence timeout after them.
+        wait, started = self.settings.first_byte_timeout_s, False
+        while True:
+            try:
+                async with asyncio.timeout(wait):
+                    part = await response.content.readany()
+            except TimeoutError:
+                raise UpstreamTimeout(f"The upstream provider fell silent for {wait:g}s "
+                                      f"{'mid-stream' if started else 'before its first bytes'}.") from None
+            except (aiohttp.ClientError, OSError):
+                if cancel.is_set():
+                    return
+                raise UpstreamFailed("The upstream provider's stream broke off.") from None
+            if not part:
+                return
+            yield part
+            wait, started = self.settings.idle_timeout_s, True
 
     async def _events(self, response: aiohttp.ClientResponse, cancel: asyncio.Event) -> AsyncIterator[tuple[str, bytes]]:
         event, data = "", []
@@ -122,12 +156,16 @@ class Upstream:
             elif line.startswith(b"event:"):
                 event = line[6:].strip().decode(errors="replace")
 
-    async def _open(self, path: str, payload: dict) -> aiohttp.ClientResponse:
+    async def _open(self, path: str, payload: Payload) -> aiohttp.ClientResponse:
         """Send one request; the response once it has begun with a 2xx, else the upstream's refusal raised."""
         url = self.settings.base_url.rstrip("/") + path
+        if callable(payload):
+            data, headers = payload(), self._headers
+        else:
+            data, headers = _encode(payload), {"Content-Type": "application/json", **self._headers}
         try:
             async with asyncio.timeout(self.settings.first_byte_timeout_s):
-                response = await self._client().post(url, data=_encode(payload), headers=self._headers)
+                response = await self._client().post(url, data=data, headers=headers)
         except TimeoutError:
             raise UpstreamTimeout(f"The upstream provider did not answer within "
                                   f"{self.settings.first_byte_timeout_s:g}s.") from None
