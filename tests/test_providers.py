@@ -167,13 +167,16 @@ async def test_a_transcription_and_a_translation_billed_by_the_upstreams_duratio
 
 async def test_speech_streams_the_upstreams_audio_and_bills_its_characters(fresh, client, clickhouse):
     text = "Read this aloud, please."
-    pieces = []
+    gate = asyncio.Event()
+    fresh.plan("tts-test", Behaviour("hold", gate=gate))
     async with client.audio.speech.with_streaming_response.create(model="up-tts", voice="nova", input=text,
                                                                   response_format="pcm") as response:
-        async for data in response.iter_bytes():
-            pieces.append(data)
-    assert b"".join(pieces) == tone(len(text))  # the upstream's samples, unchanged
-    assert len(pieces) > 1  # streamed, not gathered
+        pieces = response.iter_bytes()
+        async with asyncio.timeout(10):  # the first piece comes while the upstream holds back the rest
+            first = await anext(pieces)
+        gate.set()
+        rest = [data async for data in pieces]
+    assert first + b"".join(rest) == tone(len(text))  # the upstream's samples, unchanged
     sent = fresh.received[-1]["body"]
     assert sent == {"model": "tts-test", "input": text, "voice": "nova", "response_format": "pcm", "speed": 1.0}
     wav = await client.audio.speech.create(model="up-tts", voice="alloy", input=text, response_format="wav")

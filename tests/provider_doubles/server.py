@@ -32,13 +32,15 @@ AUDIO_EXTENSIONS = ("flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "
 @dataclass
 class Behaviour:
     """How the double answers one request: ``ok``; ``status`` (with ``retry_after``); ``slow`` (no
-    first byte for ``delay`` s); ``drop`` (a stream cut after ``pieces`` pieces, 0: before any)."""
+    first byte for ``delay`` s); ``drop`` (a stream cut after ``pieces`` pieces, 0: before any); ``hold``
+    (speech: the first piece sent, the rest once ``gate`` is set)."""
 
     kind: str = "ok"
     status: int = 200
     retry_after: str | None = None
     delay: float = 0.0
     pieces: int = 0
+    gate: asyncio.Event | None = None
 
 
 @dataclass
@@ -263,6 +265,8 @@ def make_app(double: Double) -> web.Application:
             if behaviour.kind == "drop" and start // 4801 == behaviour.pieces:
                 request.transport.close()
                 return response
+            if behaviour.kind == "hold" and start:
+                await behaviour.gate.wait()
             await response.write(pcm[start:start + 4801])
         return response
 
