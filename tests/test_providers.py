@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from bus.account import credits
+from bus.openai.audio import SpeechRequest, to_speech
 from bus.settings import RouteSettings, RouteTarget, SettingsError, load_settings
 from edge.routing import ordered
 from infra.nats import roles
@@ -178,7 +179,8 @@ async def test_speech_streams_the_upstreams_audio_and_bills_its_characters(fresh
         rest = [data async for data in pieces]
     assert first + b"".join(rest) == tone(len(text))  # the upstream's samples, unchanged
     sent = fresh.received[-1]["body"]
-    assert sent == {"model": "tts-test", "input": text, "voice": "nova", "response_format": "pcm", "speed": 1.0}
+    assert sent == {"model": "tts-test", "input": text, "voice": "nova-upstream", "response_format": "pcm",
+                    "speed": 1.0}
     wav = await client.audio.speech.create(model="up-tts", voice="alloy", input=text, response_format="wav")
     with wave.open(io.BytesIO(wav.content)) as w:  # re-encoded as the client asked
         assert w.getframerate() == SPEECH_RATE  # a streamed WAV's header cannot say its length: its data does
@@ -433,3 +435,11 @@ def test_a_provider_model_runs_many_requests_at_once_unless_told(tmp_path):
     models = load_settings(path, {}).models
     assert (models["a"].concurrency, models["a"].backend, models["a"].upstream_model) == (256, "openai", "a")
     assert (models["b"].concurrency, models["b"].upstream_model) == (4, "bb")
+
+
+def test_a_provider_speech_model_without_voices_sends_openais_voice_names_as_named(tmp_path):
+    path = tmp_path / "tollgate.toml"
+    path.write_text('[providers.p]\napi = "openai"\nbase_url = "http://x/v1"\n[models.s]\nprovider = "p"\n'
+                    'kind = "speech"\n')
+    spec = load_settings(path, {}).models["s"]
+    assert to_speech(SpeechRequest(model="s", input="hi", voice="echo"), spec).voice == "echo"

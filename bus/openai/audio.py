@@ -161,7 +161,8 @@ def _clock(seconds: float, mark: str) -> str:
 
 # -- text to speech: POST /v1/audio/speech -----------------------------------------------------
 
-# OpenAI's voice names: on a model that configures no ``voices``, each speaks the model's one voice.
+# OpenAI's voice names: on a model that configures no ``voices``, each speaks the model's one voice
+# (a provider model's upstream has them all: each is sent as it is named).
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse",
                  "marin", "cedar")
 # What each format is answered as. pcm is 16-bit little-endian mono at 24 kHz, as OpenAI's is.
@@ -198,7 +199,7 @@ def to_speech(req: SpeechRequest, spec: ModelSpec) -> SpeechBody:
         raise InvalidRequest(f"The model '{req.model}' reads the input as written and cannot follow instructions.",
                              param="instructions")
     name = req.voice if isinstance(req.voice, str) else req.voice.id
-    voices = spec.voices or dict.fromkeys(OPENAI_VOICES, "")
+    voices = spec.voices or {voice: voice if spec.provider else "" for voice in OPENAI_VOICES}
     if name not in voices:
         raise InvalidRequest(f"voice {name!r} is not offered by '{req.model}' (offered: {', '.join(voices)}).",
                              param="voice")

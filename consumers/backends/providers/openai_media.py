@@ -26,7 +26,7 @@ Count = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 Probability = Annotated[float, Meta(ge=0, le=1)]
 # OpenAI's ``pcm`` speech: 16-bit little-endian mono at 24 kHz, which our encoder turns into the format asked.
 SPEECH_SAMPLE_RATE = 24_000
-# The voice an upstream is asked for when the model maps a request's voice to none (OpenAI's first).
+# The voice an upstream is asked for when the model's ``voices`` map a request's voice to "" (OpenAI's first).
 DEFAULT_VOICE = "alloy"
 _PNG = b"\x89PNG\r\n\x1a\n"
 
