@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import pytest
 from openai import AsyncOpenAI
 
@@ -266,7 +267,10 @@ async def test_a_worker_started_by_hand_joins_the_stack(stack):
         kv = await nc.jetstream().key_value(WORKERS_BUCKET)
         deadline = time.monotonic() + 120
         while True:
-            keys = [k for k in await kv.keys() if k.startswith(token(CHAT) + ".")]
+            try:
+                keys = [k for k in await kv.keys() if k.startswith(token(CHAT) + ".")]
+            except nats.js.errors.NoKeysError:  # no worker announced at this instant (one restarting, say)
+                keys = []
             if len(keys) == 2:
                 break
             assert hand.poll() is None, (stack.tmp / "hand-worker.log").read_text()

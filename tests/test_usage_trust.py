@@ -166,7 +166,7 @@ async def test_while_clickhouse_refuses_every_insert_nothing_is_dead_lettered(st
     work again."""
     js = nc.jetstream()
     signer = UsageSigner.current
-    await clickhouse.command("ALTER TABLE usage_events ADD CONSTRAINT outage CHECK tenant != 'outage-tenant'")
+    await clickhouse.command("ALTER TABLE usage_events ADD CONSTRAINT outage CHECK tenant = 'no-tenant-at-all'")
     events = [usage_event(tenant="outage-tenant") for _ in range(5)]
     try:
         await meter.stop()  # so the five arrive as one batch
@@ -187,7 +187,7 @@ async def test_a_lone_event_refused_during_an_outage_waits_and_is_stored(stack, 
     """One event alone proves nothing about itself: refused past ``store_attempts`` while every insert
     fails, it is put back, not dead-lettered, and stored once inserts work again."""
     js = nc.jetstream()
-    await clickhouse.command("ALTER TABLE usage_events ADD CONSTRAINT outage CHECK tenant != 'outage-tenant'")
+    await clickhouse.command("ALTER TABLE usage_events ADD CONSTRAINT outage CHECK tenant = 'no-tenant-at-all'")
     event = usage_event(tenant="outage-tenant")
     try:
         await _publish(js, usage_subject(event.tenant), UsageSigner.current.seal(event))
