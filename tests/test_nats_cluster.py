@@ -20,6 +20,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import nats.errors
+import nats.js.errors
 import openai
 import pytest
 
@@ -121,8 +123,11 @@ async def _lead_both_from(nc, node: str) -> None:
 
 async def _caught_up(js, node: str) -> bool:
     """``node`` is a current replica, with no lag, of REQUESTS, USAGE and the meter's consumer."""
-    infos = [(await js.stream_info(s)).cluster for s in (REQUESTS_STREAM, USAGE_STREAM)]
-    infos.append((await js.consumer_info(USAGE_STREAM, METER_CONSUMER)).cluster)
+    try:
+        infos = [(await js.stream_info(s)).cluster for s in (REQUESTS_STREAM, USAGE_STREAM)]
+        infos.append((await js.consumer_info(USAGE_STREAM, METER_CONSUMER)).cluster)
+    except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+        return False  # the cluster is still settling after the restart: ask again
     for info in infos:
         if info.leader == node:
             continue
