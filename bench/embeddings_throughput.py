@@ -15,9 +15,7 @@ import argparse
 import asyncio
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,11 +24,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.stack import bench_key, wait_serving  # noqa: E402
-from bus.settings import DEFAULT_MODELS, Settings, load_settings  # noqa: E402
+from bench.stack import gateway  # noqa: E402
+from bus.settings import DEFAULT_MODELS, Settings  # noqa: E402
 from consumers.models import resolve  # noqa: E402
-from infra.children import stop_all  # noqa: E402
-from infra.nats_launcher import NatsServer, free_port  # noqa: E402
 
 SOURCE = "all-minilm-l6-v2"
 # The two workers under test: the model's own batching, and one forward pass per request.
@@ -73,21 +69,11 @@ def main() -> None:
     args = parser.parse_args()
 
     weights = resolve(SOURCE, DEFAULT_MODELS[SOURCE], Path(Settings().cache_dir), progress=True)
-    tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
-    port = free_port()
-    config = tmp / "tollgate.toml"
-    config.write_text(f'state_dir = "{tmp / "state"}"\n[edge]\nport = {port}\n' + "".join(
+    models = "".join(
         f'[models.{name}]\nkind = "embeddings"\nsource = "{weights}"\ndimensions = 384\nconcurrency = 64\n'
-        f'max_batch = {max_batch}\n' for name, max_batch in MODELS.items()))
-    server = NatsServer(tmp / "nats").start()
-    env = {**os.environ, "TOLLGATE_CONFIG": str(config), "TOLLGATE_NATS_URL": server.url, "PYTHONPATH": str(ROOT)}
-    key = bench_key(server.url, load_settings(config, env))
-    cli = [sys.executable, "-m", "infra.cli", "--log-level", "WARNING"]
-    procs = [subprocess.Popen([*cli, "edge"], env=env, cwd=ROOT)]
-    procs += [subprocess.Popen([*cli, "worker", "--model", name], env=env, cwd=ROOT) for name in MODELS]
-    url = f"http://127.0.0.1:{port}/v1/embeddings"
-    try:
-        wait_serving(port, list(MODELS), timeout=60)
+        f'max_batch = {max_batch}\n' for name, max_batch in MODELS.items())
+    with gateway(models, list(MODELS), timeout=60) as gw:
+        url, key = f"{gw.url}/v1/embeddings", gw.key
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
               f"Python {platform.python_version()}; {args.seconds:.0f} s per row, closed loop")
         print(f"batched: max_batch {MODELS['minilm-batched']}, batch_wait_ms "
@@ -103,9 +89,6 @@ def main() -> None:
                 b, s = rates["minilm-batched"], rates["minilm-single"]
                 print(f"| {inputs} | {clients} | {b:.1f} | {b * inputs:.1f} | {s:.1f} | {s * inputs:.1f} "
                       f"| {b / s:.2f}× |", flush=True)
-    finally:
-        stop_all(procs, 20)
-        server.stop()
 
 
 if __name__ == "__main__":

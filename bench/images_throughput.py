@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,11 +29,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.stack import bench_key, wait_serving  # noqa: E402
-from bus.settings import load_settings  # noqa: E402
+from bench.stack import gateway  # noqa: E402
 from consumers.tiny_diffusion import build_tiny_diffusion  # noqa: E402
-from infra.children import stop_all  # noqa: E402
-from infra.nats_launcher import NatsServer, free_port  # noqa: E402
 
 MODEL = "tiny-sd"
 PROMPT = "a red fox in the snow"
@@ -114,21 +110,12 @@ def main() -> None:
     # Measured before the stack starts, so nothing else shares the cores.
     rates = {n: direct(pipeline, args.size, args.steps, n, args.seconds, args.threads) for n in args.n}
 
-    port = free_port()
-    config = tmp / "tollgate.toml"
-    config.write_text(f'state_dir = "{tmp / "state"}"\n[edge]\nport = {port}\n'
-                      f'[models."{MODEL}"]\nkind = "images"\nbackend = "diffusers"\nsource = "{pipeline}"\n'
+    models = (f'[models."{MODEL}"]\nkind = "images"\nbackend = "diffusers"\nsource = "{pipeline}"\n'
                       f'image_steps = {{ auto = {args.steps} }}\n'
-                      f'[models."{MODEL}".prices.image]\n"{args.size}x{args.size}" = 1000\n')
-    server = NatsServer(tmp / "nats").start()
-    env = {**os.environ, "TOLLGATE_CONFIG": str(config), "TOLLGATE_NATS_URL": server.url, "PYTHONPATH": str(ROOT)}
-    key = bench_key(server.url, load_settings(config, env))
-    cli = [sys.executable, "-m", "infra.cli", "--log-level", "WARNING"]
+              f'[models."{MODEL}".prices.image]\n"{args.size}x{args.size}" = 1000\n')
     threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
-    procs = [subprocess.Popen([*cli, "edge"], env=env, cwd=ROOT),
-             subprocess.Popen([*cli, "worker", "--model", MODEL], env={**env, **threads}, cwd=ROOT)]
-    try:
-        wait_serving(port, [MODEL], timeout=120)
+    with gateway(models, [MODEL], tmp=tmp, worker_env=threads) as gw:
+        port, key = gw.port, gw.key
         print("| images/request | clients | direct images/s | gateway b64_json images/s | gateway url images/s "
               "(+ download) | b64_json / direct |")
         print("|---|---|---|---|---|---|")
@@ -138,9 +125,6 @@ def main() -> None:
                 url = asyncio.run(through_gateway(port, key, clients, n, "url", args.seconds))
                 print(f"| {n} | {clients} | {rates[n]:.1f} | {b64:.1f} | {url:.1f} | {b64 / rates[n]:.0%} |",
                       flush=True)
-    finally:
-        stop_all(procs, 20)
-        server.stop()
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ import io
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,11 +28,8 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.stack import bench_key, wait_serving  # noqa: E402
-from bus.settings import load_settings  # noqa: E402
+from bench.stack import gateway  # noqa: E402
 from consumers.backends.rapid_ocr import RapidOcr  # noqa: E402
-from infra.children import stop_all  # noqa: E402
-from infra.nats_launcher import NatsServer, free_port  # noqa: E402
 
 MODEL = "rapidocr"
 LINE = "INVOICE 2026-0042 TOTAL 17.50"
@@ -95,19 +90,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
-    port = free_port()
-    config = tmp / "tollgate.toml"
-    config.write_text(f'state_dir = "{tmp / "state"}"\n[edge]\nport = {port}\n'
-                      f'[models.{MODEL}]\nbackend = "rapidocr"\nvision = true\n')
-    server = NatsServer(tmp / "nats").start()
-    env = {**os.environ, "TOLLGATE_CONFIG": str(config), "TOLLGATE_NATS_URL": server.url, "PYTHONPATH": str(ROOT)}
-    key = bench_key(server.url, load_settings(config, env))
-    cli = [sys.executable, "-m", "infra.cli", "--log-level", "WARNING"]
-    procs = [subprocess.Popen([*cli, "edge"], env=env, cwd=ROOT),
-             subprocess.Popen([*cli, "worker", "--model", MODEL], env=env, cwd=ROOT)]
-    try:
-        wait_serving(port, [MODEL], timeout=120)
+    with gateway(f'[models.{MODEL}]\nbackend = "rapidocr"\nvision = true\n', [MODEL]) as gw:
         from rapidocr_onnxruntime import RapidOCR
 
         ours, package_default = RapidOcr(), RapidOCR()
@@ -118,17 +101,13 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for name, data in IMAGES.items():
             # One at a time: the worker and this process would otherwise share the cores.
-            gateway = asyncio.run(_through_gateway(f"http://127.0.0.1:{port}/v1/chat/completions", key, data,
-                                                   args.runs))
+            through = asyncio.run(_through_gateway(f"{gw.url}/v1/chat/completions", gw.key, data, args.runs))
             direct = _timed(ours.read, data, args.runs)
             default = _timed(lambda d: package_default(d), data, max(3, args.runs // 4))
-            overhead = (statistics.median(gateway) - statistics.median(direct)) * 1000
+            overhead = (statistics.median(through) - statistics.median(direct)) * 1000
             size = "x".join(map(str, Image.open(io.BytesIO(data)).size))
-            print(f"| {name}, {size} | {_stats(gateway)} | {_stats(direct)} | {overhead:+.0f} ms | {_stats(default)} |",
+            print(f"| {name}, {size} | {_stats(through)} | {_stats(direct)} | {overhead:+.0f} ms | {_stats(default)} |",
                   flush=True)
-    finally:
-        stop_all(procs, 20)
-        server.stop()
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ import asyncio
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,11 +27,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.stack import bench_key, wait_serving  # noqa: E402
-from bus.settings import DEFAULT_MODELS, Settings, load_settings  # noqa: E402
+from bench.stack import gateway  # noqa: E402
+from bus.settings import DEFAULT_MODELS, Settings  # noqa: E402
 from consumers.models import resolve  # noqa: E402
-from infra.children import stop_all  # noqa: E402
-from infra.nats_launcher import NatsServer, free_port  # noqa: E402
 
 MODEL = "piper-en-us-joe"
 SENTENCE = "The capital of France is Paris."
@@ -98,21 +94,10 @@ def main() -> None:
     spec = DEFAULT_MODELS[MODEL]
     concurrency = args.concurrency or spec.concurrency
     weights = resolve(MODEL, spec, Path(Settings().cache_dir), progress=True)
-    tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
-    port = free_port()
-    config = tmp / "tollgate.toml"
-    config.write_text(f'state_dir = "{tmp / "state"}"\n[edge]\nport = {port}\n'
-                      f'[models.{MODEL}]\nkind = "speech"\nbackend = "piper"\nsource = "{weights}"\n'
-                      f'concurrency = {concurrency}\n')
-    server = NatsServer(tmp / "nats").start()
-    env = {**os.environ, "TOLLGATE_CONFIG": str(config), "TOLLGATE_NATS_URL": server.url, "PYTHONPATH": str(ROOT)}
-    key = bench_key(server.url, load_settings(config, env))
-    cli = [sys.executable, "-m", "infra.cli", "--log-level", "WARNING"]
-    procs = [subprocess.Popen([*cli, "edge"], env=env, cwd=ROOT),
-             subprocess.Popen([*cli, "worker", "--model", MODEL], env=env, cwd=ROOT)]
-    url = f"http://127.0.0.1:{port}/v1/audio/speech"
-    try:
-        wait_serving(port, [MODEL], timeout=120)
+    models = (f'[models.{MODEL}]\nkind = "speech"\nbackend = "piper"\nsource = "{weights}"\n'
+              f'concurrency = {concurrency}\n')
+    with gateway(models, [MODEL]) as gw:
+        url, key = f"{gw.url}/v1/audio/speech", gw.key
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
               f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}; worker concurrency "
               f"{concurrency}; medians of {args.runs} reads per client\n")
@@ -127,9 +112,6 @@ def main() -> None:
                     firsts, rate = asyncio.run(through_gateway(url, key, text, response_format, clients, args.runs))
                     print(f"| {label} ({len(text)} chars) | gateway, {response_format} | {clients} | {_ms(firsts)} "
                           f"| {rate:.0f} |", flush=True)
-    finally:
-        stop_all(procs, 20)
-        server.stop()
 
 
 if __name__ == "__main__":

@@ -1,18 +1,30 @@
-"""What every gateway benchmark sets up alike: the bus bootstrapped with a tenant no limit stops, and the wait
-until the edge serves the models under test."""
+"""What every gateway benchmark sets up alike: the bus bootstrapped with a tenant no limit stops, the wait
+until the edge serves the models under test, and a whole gateway (nats-server, edge, workers) for one run."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import nats
 
 from bus.account.tenants import Limits, Tenant
-from bus.settings import Settings
+from bus.settings import Settings, load_settings
 from infra.bootstrap import bootstrap
+from infra.children import stop_all
+from infra.nats_launcher import NatsServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Limits so high that a benchmark measures the gateway, never a 429.
 BENCH_TENANT = Tenant(id="bench", tier="enterprise", default_lane="normal", limits=Limits(rpm=10**9, tpm=10**12))
@@ -42,3 +54,41 @@ def wait_serving(port: int, models: list[str], timeout: float) -> None:
         except (OSError, ValueError):  # not up yet, or a half-started edge's answer
             pass
         time.sleep(0.1)
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """A running gateway: the edge's port, the bench tenant's API key and the run's scratch directory."""
+
+    port: int
+    key: str
+    tmp: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextlib.contextmanager
+def gateway(models_toml: str, models: list[str], *, tmp: Path | None = None, worker_env: dict | None = None,
+            timeout: float = 120) -> Iterator[Gateway]:
+    """A nats-server, an edge and one worker per name in ``models``, configured by ``models_toml`` (the
+    config's model tables) on a fresh state directory; stopped on exit."""
+    tmp = tmp or Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
+    port = free_port()
+    config = tmp / "tollgate.toml"
+    config.write_text(f'state_dir = "{tmp / "state"}"\n[edge]\nport = {port}\n' + models_toml)
+    server = NatsServer(tmp / "nats").start()
+    procs: list[subprocess.Popen] = []
+    try:
+        env = {**os.environ, "TOLLGATE_CONFIG": str(config), "TOLLGATE_NATS_URL": server.url, "PYTHONPATH": str(ROOT)}
+        key = bench_key(server.url, load_settings(config, env))
+        cli = [sys.executable, "-m", "infra.cli", "--log-level", "WARNING"]
+        procs.append(subprocess.Popen([*cli, "edge"], env=env, cwd=ROOT))
+        procs += [subprocess.Popen([*cli, "worker", "--model", name], env={**env, **(worker_env or {})}, cwd=ROOT)
+                  for name in models]
+        wait_serving(port, models, timeout)
+        yield Gateway(port, key, tmp)
+    finally:
+        stop_all(procs, 20)
+        server.stop()

@@ -32,11 +32,9 @@ from faster_whisper import WhisperModel
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.stack import bench_key, wait_serving  # noqa: E402
-from bus.settings import DEFAULT_MODELS, Settings, load_settings  # noqa: E402
+from bench.stack import gateway  # noqa: E402
+from bus.settings import DEFAULT_MODELS, Settings  # noqa: E402
 from consumers.models import resolve  # noqa: E402
-from infra.children import stop_all  # noqa: E402
-from infra.nats_launcher import NatsServer, free_port  # noqa: E402
 
 MODEL = "whisper-base"
 SENTENCE = "The quick brown fox jumps over the lazy dog."
@@ -96,25 +94,12 @@ def main() -> None:
     weights = resolve(MODEL, spec, Path(Settings().cache_dir), progress=True)
     tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
     clips = {name: speech(text, tmp) for name, text in TEXTS.items()}
-    port = free_port()
-    config = tmp / "tollgate.toml"
-    config.write_text(f'state_dir = "{tmp / "state"}"\n[edge]\nport = {port}\n[models.{MODEL}]\n'
-                      f'kind = "transcription"\nbackend = "faster-whisper"\nsource = "{weights}"\n'
-                      f'device = "{spec.device}"\ncompute_type = "{spec.compute_type}"\n')
-    server = NatsServer(tmp / "nats").start()
-    env = {**os.environ, "TOLLGATE_CONFIG": str(config), "TOLLGATE_NATS_URL": server.url, "PYTHONPATH": str(ROOT)}
-    key = bench_key(server.url, load_settings(config, env))
-    cli = [sys.executable, "-m", "infra.cli", "--log-level", "WARNING"]
-    procs = [subprocess.Popen([*cli, "edge"], env=env, cwd=ROOT),
-             subprocess.Popen([*cli, "worker", "--model", MODEL], env=env, cwd=ROOT)]
-    url = f"http://127.0.0.1:{port}/v1/audio/transcriptions"
-    try:
+    models = (f'[models.{MODEL}]\nkind = "transcription"\nbackend = "faster-whisper"\nsource = "{weights}"\n'
+              f'device = "{spec.device}"\ncompute_type = "{spec.compute_type}"\n')
+    with gateway(models, [MODEL], tmp=tmp) as gw:
         model = WhisperModel(str(weights), device=spec.device, compute_type=spec.compute_type)
-        wait_serving(port, [MODEL], timeout=120)
-        results = {name: asyncio.run(compare(url, key, model, wav, args.runs)) for name, (wav, _) in clips.items()}
-    finally:
-        stop_all(procs, 20)
-        server.stop()
+        url = f"{gw.url}/v1/audio/transcriptions"
+        results = {name: asyncio.run(compare(url, gw.key, model, wav, args.runs)) for name, (wav, _) in clips.items()}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}; {MODEL} {spec.compute_type} on "
           f"{spec.device}, beam 5; median of {args.runs} runs after a warm-up\n")
