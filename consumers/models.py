@@ -9,6 +9,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -103,6 +104,21 @@ def _join_parts(name: str, root: Path) -> None:
                 with open(parts[number], "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 20)
                 parts[number].unlink()
+
+
+def save_in_place(target: Path, save: Callable[[Path], None], marker: str) -> Path:
+    """Run ``save(directory)`` aside and move the directory to ``target``, so a reader never finds half a
+    model; if another build got there first (``target / marker`` exists) its equal result is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        staged = Path(tmp, "model")
+        save(staged)
+        try:
+            staged.rename(target)
+        except OSError:
+            if not (target / marker).exists():
+                raise
+    return target
 
 
 def _download(requirement: str, into: Path, quiet: bool) -> Path:

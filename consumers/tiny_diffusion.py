@@ -9,8 +9,9 @@ real pipeline (a hub id such as ``stabilityai/sdxl-turbo``, or a local directory
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
+
+from consumers.models import save_in_place
 
 _SEED = 0  # the same weights on every build
 
@@ -52,14 +53,4 @@ def build_tiny_diffusion(target: Path) -> Path:
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written aside and moved into place, so a reader never finds half a pipeline.
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        staged = Path(tmp, "pipeline")
-        pipe.save_pretrained(staged)
-        try:
-            staged.rename(target)
-        except OSError:  # another build finished first: its pipeline is the same
-            if not (target / "model_index.json").exists():
-                raise
-    return target
+    return save_in_place(target, pipe.save_pretrained, "model_index.json")

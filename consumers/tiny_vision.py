@@ -11,8 +11,9 @@ weights (a hub id such as ``llava-hf/llava-interleave-qwen-0.5b-hf`` or
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
+
+from consumers.models import save_in_place
 
 _SEED = 0  # the same weights on every build
 IMAGE_SIDE, PATCH = 32, 8  # each image becomes (32 / 8)^2 = 16 image tokens
@@ -51,15 +52,9 @@ def build_tiny_vision(target: Path, tokenizer_dir: str) -> Path:
     processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH,
                                vision_feature_select_strategy="default", chat_template=_CHAT_TEMPLATE,
                                image_token="<image>", num_additional_image_tokens=1)  # CLIP's class token
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written aside and moved into place, so a reader never finds half a model.
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        staged = Path(tmp, "model")
-        model.save_pretrained(staged)
-        processor.save_pretrained(staged)
-        try:
-            staged.rename(target)
-        except OSError:  # another build finished first: its model is the same
-            if not (target / "config.json").exists():
-                raise
-    return target
+
+    def save(directory: Path) -> None:
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
+
+    return save_in_place(target, save, "config.json")
