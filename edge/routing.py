@@ -182,19 +182,19 @@ class RoutedCall:
             # The client's id (and the hold admission took) go with the first attempt queued; a
             # later attempt holds credits of its own, since billing gives the failed one's back.
             request_id, hold = self._client_id if self._first is None else new_request_id(), self._hold
-            if hold and self._first is not None:
-                try:
-                    # Shielded: a client leaving mid-hold still gets its hold reported, so billing's
-                    # sweeper gives it back (the attempt is never published).
-                    await asyncio.shield(self._router.quota.hold(self._fields["tenant"], request_id, hold,
-                                                                 self._deadline))
-                except InsufficientQuota:
-                    breaker.settled()
-                    break
             attempt = self._router.attempt(model=target, request_id=request_id, hold_micros=hold,
                                            deadline=self._deadline, route=self._route, route_request=self._client_id,
                                            **self._fields)
             try:
+                if hold and self._first is not None:
+                    try:
+                        # Shielded: a client leaving mid-hold still gets its hold reported, so billing's
+                        # sweeper gives it back (the attempt is never published).
+                        await asyncio.shield(self._router.quota.hold(self._fields["tenant"], request_id, hold,
+                                                                     self._deadline))
+                    except InsufficientQuota:
+                        breaker.settled()
+                        break
                 call = await attempt.__aenter__()
             except NoCapacity as exc:  # its last worker left, or its lane is full: nothing was queued
                 breaker.settled()
@@ -202,6 +202,11 @@ class RoutedCall:
                     await asyncio.shield(self._router.quota.release(self._fields["tenant"], request_id, hold))
                 failure = exc
                 continue
+            except BaseException:
+                # The client left, or the bus failed, before the attempt said anything of the target:
+                # its probe (if it was one) must not stay out, or the target is skipped for good.
+                breaker.settled()
+                raise
             self._attempt, self._call, self._target = attempt, call, target
             self._first = self._first or call.envelope
             return
