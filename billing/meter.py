@@ -46,8 +46,8 @@ _TIME_COLUMNS = [i for i, name in enumerate(COLUMNS) if name.endswith("_at")]
 # Stamped by the meter, once a batch, so the meter and the sweeper judge "stored late" alike.
 _INSERT_COLUMNS = (*COLUMNS, "inserted_at")
 # A forgotten refusal only delays that event's dead-lettering by one more round.
-_LONE_REFUSALS_KEPT = 10_000
-_LONE_RETRY_S = 5.0  # how long a lone refused event waits before it is tried again
+_REFUSALS_KEPT = 10_000
+_REFUSED_RETRY_S = 5.0  # how long a refused event not yet proven bad waits before it is tried again
 
 
 def columns(events: list[UsageEvent]) -> list[list]:
@@ -99,7 +99,7 @@ class Meter(Batches):
         self._failures = 0  # consecutive failed tries of the batch in hand
         self._last_insert = 0.0  # monotonic time of the last insert ClickHouse took
         # Lone events ClickHouse refused, by request id: when first refused (bounded, oldest dropped).
-        self._lone_refusals: dict[str, float] = {}
+        self._refusals: dict[str, float] = {}
 
     async def start(self) -> None:
         # Events up to this stream position may have been stored by a meter whose consumer was replaced.
@@ -173,9 +173,10 @@ class Meter(Batches):
         One by one, an event ClickHouse refuses while others of the batch go in is dead-lettered
         (its messages leave ``by_id``); if none goes in, ClickHouse may be refusing everything —
         an outage, not a bad event — and the batch is tried again later, dead-lettering nothing.
-        A batch of one proves nothing either way: its event is put back for later (so what is
-        behind it flows on) and dead-lettered only once some other insert has worked since it
-        was first refused. Returns what was stored.
+        An event is proven bad only when ClickHouse refuses it again after taking another insert
+        since its previous refusal; one not proven yet (refused once, alone in its batch, or just
+        before an outage ended) is put back for later, so what is behind it flows on. Returns what
+        was stored.
         """
         stamp = [round(now * 1_000_000)]
         began = time.monotonic()
@@ -198,29 +199,31 @@ class Meter(Batches):
                 self._last_insert = time.monotonic()
                 metrics.inserted([event], self._last_insert - began, time.time())
             except Exception as exc:
-                refused.append((event, exc))
+                refused.append((event, exc, self._refused_again(event.request_id)))
         if not stored and len(new) > 1:
             raise RuntimeError(f"ClickHouse refused every one of {len(new)} events: {refused[0][1]}")
-        for event, exc in refused:
+        for event, exc, proven in refused:
             msgs = by_id.pop(event.request_id)
-            if not stored and not self._refused_before_an_insert(event.request_id):
-                log.warning("ClickHouse refused usage %s alone (%s); trying it again later", event.request_id, exc)
+            if not proven:
+                log.warning("ClickHouse refused usage %s (%s); trying it again later", event.request_id, exc)
                 for msg in msgs:
-                    await msg.nak(delay=_LONE_RETRY_S)
+                    await msg.nak(delay=_REFUSED_RETRY_S)
                 continue
-            self._lone_refusals.pop(event.request_id, None)
+            del self._refusals[event.request_id]
             for msg in msgs:
                 await dead_letter(self._js, msg, "usage", f"ClickHouse refused it: {exc}")
         return stored
 
-    def _refused_before_an_insert(self, request_id: str) -> bool:
-        """Whether ClickHouse took another insert since it first refused ``request_id`` alone."""
-        first = self._lone_refusals.get(request_id)
-        if first is None:
-            if len(self._lone_refusals) >= _LONE_REFUSALS_KEPT:
-                del self._lone_refusals[next(iter(self._lone_refusals))]
-            self._lone_refusals[request_id] = first = time.monotonic()
-        return self._last_insert > first
+    def _refused_again(self, request_id: str) -> bool:
+        """Note a refusal of ``request_id`` now; whether ClickHouse took another insert since its last one.
+
+        Refusals are remembered by request id, the oldest forgotten past the bound (a forgotten
+        one only costs its event another round)."""
+        last = self._refusals.pop(request_id, None)
+        if len(self._refusals) >= _REFUSALS_KEPT:
+            del self._refusals[next(iter(self._refusals))]
+        self._refusals[request_id] = time.monotonic()
+        return last is not None and self._last_insert > last
 
     async def handle(self, msgs: list[Msg], retry: bool = False) -> None:
         await ack_each(await self.store(msgs, retry))

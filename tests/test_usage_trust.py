@@ -193,7 +193,7 @@ async def test_a_lone_event_refused_during_an_outage_waits_and_is_stored(stack, 
         await _publish(js, usage_subject(event.tenant), UsageSigner.current.seal(event))
 
         async def refused_alone_and_put_back():
-            return event.request_id in meter.billing.meter._lone_refusals
+            return event.request_id in meter.billing.meter._refusals
 
         await eventually(refused_alone_and_put_back, timeout=20)
     finally:
