@@ -22,7 +22,10 @@ class FixedBackend:
 
 if __name__ == "__main__":
     # python bench/fixed_backend.py MODEL: a worker process serving MODEL with this backend.
+    import uvloop
+
     from bus.settings import load_settings
     from consumers.serve import serve_model
 
+    uvloop.install()  # as `tollgate worker` does: the benchmark measures the loop real workers run on
     asyncio.run(serve_model(load_settings(), sys.argv[1], backend=FixedBackend()))

@@ -63,6 +63,7 @@ class Gateway:
     port: int
     key: str
     tmp: Path
+    pids: dict[str, int]  # each process started for the run, by role ("nats-server", "edge", "billing", model)
 
     @property
     def url(self) -> str:
@@ -71,9 +72,12 @@ class Gateway:
 
 @contextlib.contextmanager
 def gateway(models_toml: str, models: list[str], *, tmp: Path | None = None, worker_env: dict | None = None,
-            timeout: float = 120) -> Iterator[Gateway]:
+            timeout: float = 120, billing: bool = False, worker_cmd: list[str] | None = None) -> Iterator[Gateway]:
     """A nats-server, an edge and one worker per name in ``models``, configured by ``models_toml`` (the
-    config's model tables) on a fresh state directory; stopped on exit."""
+    config's model tables) on a fresh state directory; stopped on exit.
+
+    ``billing`` adds the billing process (metering into chDB under the state directory); ``worker_cmd``
+    replaces ``tollgate worker --model`` as the command each model's name is appended to."""
     tmp = tmp or Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
     port = free_port()
     config = tmp / "tollgate.toml"
@@ -84,11 +88,17 @@ def gateway(models_toml: str, models: list[str], *, tmp: Path | None = None, wor
         env = {**os.environ, "TOLLGATE_CONFIG": str(config), "TOLLGATE_NATS_URL": server.url, "PYTHONPATH": str(ROOT)}
         key = bench_key(server.url, load_settings(config, env))
         cli = [sys.executable, "-m", "infra.cli", "--log-level", "WARNING"]
-        procs.append(subprocess.Popen([*cli, "edge"], env=env, cwd=ROOT))
-        procs += [subprocess.Popen([*cli, "worker", "--model", name], env={**env, **(worker_env or {})}, cwd=ROOT)
-                  for name in models]
+        pids = {"nats-server": server.pid}
+        roles = {"edge": [*cli, "edge"], **({"billing": [*cli, "billing"]} if billing else {})}
+        for role, argv in roles.items():
+            procs.append(subprocess.Popen(argv, env=env, cwd=ROOT))
+            pids[role] = procs[-1].pid
+        for name in models:
+            argv = [*(worker_cmd or [*cli, "worker", "--model"]), name]
+            procs.append(subprocess.Popen(argv, env={**env, **(worker_env or {})}, cwd=ROOT))
+            pids[name] = procs[-1].pid
         wait_serving(port, models, timeout)
-        yield Gateway(port, key, tmp)
+        yield Gateway(port, key, tmp, pids)
     finally:
         stop_all(procs, 20)
         server.stop()
