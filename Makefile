@@ -20,10 +20,12 @@ up: $(STAMP)
 test: $(STAMP)
 	# Real speech for the speech-to-text tests comes from Debian's espeak-ng.
 	@command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null)
+	# The console's test (tests/test_console.py) drives Debian's chromium: Playwright cannot download its own here.
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) bench/gateway_overhead.py
+	$(PY) bench/hot_path.py
 
 clean:
 	rm -rf .tollgate
