@@ -125,6 +125,7 @@ class ImagesBody(msgspec.Struct, tag="images", frozen=True):
     steps: Annotated[int, Meta(ge=1, le=1000)] = 25  # denoising steps, from the request's quality
     image: ImageBytes | None = None  # PNG, JPEG or WebP as uploaded
     mask: ImageBytes | None = None  # same size as ``image``; transparent (or, without alpha, white) = repaint
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None  # None: drawn fresh; else reproducible
 
     @property
     def size(self) -> str:

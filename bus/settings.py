@@ -249,8 +249,9 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True):
     # for fewer (Matryoshka-trained models keep their meaning when cut short; others do not).
     dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
     matryoshka: bool = False
-    # Embeddings models: concurrent requests share a forward pass of up to max_batch inputs,
-    # gathered for at most batch_wait_ms (max_batch = 1: one pass per input).
+    # Embeddings and images models: concurrent requests share a forward pass of up to max_batch inputs
+    # (a pipeline call of up to max_batch images), gathered for at most batch_wait_ms (max_batch = 1:
+    # one pass per input; images batch only with concurrency > 1, and only requests of one mode, size and quality).
     max_batch: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 32
     batch_wait_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 5.0
     # Images models: denoising steps for each `quality` a request may name ("auto" when it names none),

@@ -1,5 +1,5 @@
 """A worker's Prometheus metrics: queue wait, pull wait, run time, units and their rate, busy slots,
-and its model's lane queues as JetStream counts them (read when scraped)."""
+batch sizes, and its model's lane queues as JetStream counts them (read when scraped)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ BUSY = Gauge("tollgate_worker_busy_slots", "Requests this worker is running now"
 SLOTS = Gauge("tollgate_worker_slots", "Requests this worker may run at once", ["model"])
 QUEUED = Gauge("tollgate_queue_depth", "Requests queued on a lane and not yet taken by any worker",
                ["model", "lane"])
+# Requests that shared one model call (a pipeline call, a forward pass): its count is the calls made.
+BATCH = Histogram("tollgate_worker_batch_requests", "Requests run together in one model call, by kind",
+                  ["kind"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128))
 PENDING = Gauge("tollgate_queue_ack_pending", "Requests taken from a lane and not yet acknowledged (running)",
                 ["model", "lane"])
 
@@ -37,6 +40,11 @@ PENDING = Gauge("tollgate_queue_ack_pending", "Requests taken from a lane and no
 def pulled(model: str, waited_s: float) -> None:
     """Record that a free slot of ``model`` waited ``waited_s`` for its message."""
     PULL_WAIT.labels(model).observe(waited_s)
+
+
+def batched(kind: str, requests: int) -> None:
+    """Record one model call that ran ``requests`` requests of ``kind`` together."""
+    BATCH.labels(kind).observe(requests)
 
 
 def ran(usage: UsageEvent) -> None:

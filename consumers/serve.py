@@ -67,7 +67,8 @@ def _diffusers_images(spec: ModelSpec, path: str) -> Backend:
     from consumers.backends.diffusers_images import DiffusersImages
 
     return DiffusersImages(path, sizes=list(spec.prices.image), device=spec.device, compute_type=spec.compute_type,
-                           guidance_scale=spec.guidance_scale, edit_strength=spec.edit_strength)
+                           guidance_scale=spec.guidance_scale, edit_strength=spec.edit_strength,
+                           max_batch=spec.max_batch, batch_wait_ms=spec.batch_wait_ms)
 
 
 def _piper(spec: ModelSpec, path: str) -> Backend:

@@ -16,6 +16,7 @@ import urllib.request
 
 import aiohttp
 import msgspec
+import numpy as np
 import openai
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -31,8 +32,10 @@ from consumers.backends.diffusers_images import DiffusersImages, open_mask
 from consumers.tiny_diffusion import build_tiny_diffusion
 from edge.app import edge_identity_path
 from edge.image_links import ImageLink
+from infra.nats_launcher import free_port
 from tests.conftest import CHAT_MODEL, ROOT, eventually, usage_rows
 from tests.test_credits import _grant, _prepaid_tenant
+from tests.test_metrics import scrape, value as sample
 
 MODEL = "tiny-sd"  # tests/stack_models/images.toml
 PIPELINE = ROOT / "build" / "tiny-sd"
@@ -41,9 +44,16 @@ PROMPT = "a red fox in the snow"
 
 
 @pytest.fixture(scope="module")
-def tiny_sd(stack) -> str:
+def sd_metrics(stack) -> str:
+    """The metrics URL of the one worker serving ``MODEL`` (its /metrics on a port of its own)."""
     build_tiny_diffusion(PIPELINE)
-    stack.serve(MODEL)
+    port = free_port()
+    stack.serve(MODEL, env={"TOLLGATE_WORKER_METRICS_PORT": str(port)})
+    return f"http://127.0.0.1:{port}/metrics"
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(sd_metrics) -> str:
     return MODEL
 
 
@@ -293,3 +303,78 @@ def test_masks_repaint_where_openai_s_are_transparent_or_diffusers_are_white():
     diffusers_style = open_mask(out.getvalue(), (64, 64))
     assert diffusers_style.getpixel((10, 10)) == 255 and diffusers_style.getpixel((50, 10)) == 0
 
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    return np.asarray(_png(data), dtype=np.int16)
+
+
+def _same_pictures(got: list[bytes], alone: list[bytes]) -> bool:
+    """The same images: pixel for pixel, give or take one level where a batched kernel rounded the last
+    bit of a float the other way (PNGs mostly come out byte-equal)."""
+    return len(got) == len(alone) and all(np.abs(_pixels(g) - _pixels(a)).max() <= 1 for g, a in zip(got, alone))
+
+
+async def _seeded(client, prompt: str, seed: int, n: int, size: str) -> tuple[str, list[bytes]]:
+    reply = await client.images.with_raw_response.generate(model=MODEL, prompt=prompt, n=n, size=size,
+                                                           response_format="b64_json", extra_body={"seed": seed})
+    return reply.headers["x-request-id"], [base64.b64decode(d.b64_json) for d in reply.parse().data]
+
+
+async def test_concurrent_requests_share_pipeline_calls_and_get_what_they_get_alone(tiny_sd, sd_metrics, client,
+                                                                                     clickhouse):
+    asks = [("a red fox", 11, 1, "64x64"), ("a blue whale", 12, 2, "64x64"), ("a red fox", 13, 3, "64x64"),
+            ("a green hill", 14, 1, "32x48")]  # the last one's size runs in a call of its own
+    alone = [(await _seeded(client, *ask))[1] for ask in asks]
+    assert not _same_pictures(alone[0], alone[2][:1]), "another seed draws other images"
+    before = await scrape(sd_metrics)
+    together = await asyncio.gather(*(_seeded(client, *ask) for ask in asks))
+    after = await scrape(sd_metrics)
+    for (prompt, seed, n, size), pictures, (_, got) in zip(asks, alone, together):
+        assert _same_pictures(got, pictures), f"seed {seed}'s images changed when drawn with others"
+        assert {_png(g).size for g in got} == {tuple(int(side) for side in size.split("x"))}
+    calls, requests = (sample(after, f"tollgate_worker_batch_requests_{s}", kind="images")
+                       - sample(before, f"tollgate_worker_batch_requests_{s}", kind="images") for s in ("count", "sum"))
+    assert requests == len(asks) and calls < len(asks), f"{requests} requests ran in {calls} pipeline calls"
+    rows = await usage_rows(clickhouse, [request_id for request_id, _ in together], expect=len(asks))
+    billed = {row["request_id"]: (row["output_units"], row["cost_micros"]) for row in rows}
+    assert [billed[request_id] for request_id, _ in together] == [
+        (n, n * (PRICE_64 if size == "64x64" else PRICE_32x48)) for _, _, n, size in asks]
+
+
+async def test_a_request_cancelled_mid_call_drops_its_images_and_the_others_keep_theirs():
+    """The backend itself: two edits in one pipeline call; the first is cancelled while it runs."""
+    backend = await asyncio.to_thread(DiffusersImages, str(build_tiny_diffusion(PIPELINE)), sizes=["64x64"],
+                                      max_batch=8, batch_wait_ms=200)
+    kept = ImagesBody(PROMPT, 64, 64, n=2, steps=60, image=_picture((64, 64)), seed=7)
+    alone = await backend.draw(kept, asyncio.Event())
+    cancel = asyncio.Event()
+    leaving = asyncio.ensure_future(backend.draw(msgspec.structs.replace(kept, seed=8), cancel))
+    staying = asyncio.ensure_future(backend.draw(kept, asyncio.Event()))
+
+    async def running():
+        return backend._batcher.calls == 2
+
+    await eventually(running)  # the second call, with both in it, has started
+    cancel.set()
+    assert await leaving is None
+    assert _same_pictures(await staying, alone)
+    assert backend._batcher.calls == 2, "both ran in one call"
+
+
+async def test_a_call_whose_every_request_left_stops_at_the_next_step():
+    """The backend itself: 1000 steps at 256 px would take minutes here; cancelled once its call runs, the
+    next drawing is done within seconds."""
+    backend = await asyncio.to_thread(DiffusersImages, str(build_tiny_diffusion(PIPELINE)),
+                                      sizes=["256x256", "64x64"], max_batch=8, batch_wait_ms=0)
+    cancel = asyncio.Event()
+    leaving = asyncio.ensure_future(backend.draw(ImagesBody(PROMPT, 256, 256, steps=1000), cancel))
+
+    async def running():
+        return backend._batcher.calls == 1
+
+    await eventually(running)
+    cancel.set()
+    assert await leaving is None
+    [drawn] = await asyncio.wait_for(backend.draw(ImagesBody(PROMPT, 64, 64, steps=2), asyncio.Event()), 20)
+    assert _png(drawn).size == (64, 64)

@@ -31,6 +31,8 @@ class ImageRequest(msgspec.Struct, forbid_unknown_fields=True):
     output_format: Literal["png"] = "png"
     stream: bool = False  # only False: images come whole, partial images are not drawn
     user: str | None = None
+    # Not OpenAI's: the same seed, prompt, size and quality (and upload) draw the same images.
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
 
 
 class ImageData(msgspec.Struct, omit_defaults=True):
@@ -64,7 +66,8 @@ def to_body(req: ImageRequest, spec: ModelSpec, image: bytes | None = None, mask
         raise InvalidRequest(f"quality {req.quality!r} is not offered for this model (offered: "
                              f"{', '.join(spec.image_steps)})", param="quality")
     width, height = (int(side) for side in size.split("x"))
-    return ImagesBody(prompt=req.prompt, width=width, height=height, n=req.n, steps=steps, image=image, mask=mask)
+    return ImagesBody(prompt=req.prompt, width=width, height=height, n=req.n, steps=steps, image=image, mask=mask,
+                      seed=req.seed)
 
 
 def charge(body: ImagesBody) -> Charge:

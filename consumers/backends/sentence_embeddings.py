@@ -5,15 +5,14 @@ vector per input: ``modules.json`` lists the modules (Transformer, Pooling, opti
 Normalize), ``1_Pooling/config.json`` the pooling modes, ``sentence_bert_config.json`` the
 longest sequence (longer inputs are truncated to it, as sentence-transformers does).
 
-Concurrent requests share forward passes: a batcher collects their inputs for at most
-``batch_wait_ms`` or until ``max_batch`` inputs wait, then runs them together in a thread.
+Concurrent requests share forward passes: a batcher (``consumers.batcher``) collects their inputs
+for at most ``batch_wait_ms`` or until ``max_batch`` inputs wait, then runs them together in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from transformers import AutoModel, AutoTokenizer
 from bus.errors import InvalidRequest
 from bus.protocol import EmbeddingsBody
 from consumers.backends.base import Embedded
+from consumers.batcher import Batch, Batcher
 
 _TRANSFORMER, _POOLING, _NORMALIZE = (f"sentence_transformers.models.{name}"
                                       for name in ("Transformer", "Pooling", "Normalize"))
@@ -37,15 +37,6 @@ def _pool(mode: str, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     counts = mask.sum(dim=1).clamp(min=1)
     summed = (hidden * mask).sum(dim=1)
     return summed / (counts if mode == "mean_tokens" else counts.sqrt())
-
-
-@dataclass
-class _Job:
-    """One request's token ids, waiting for the passes that embed them."""
-
-    rows: list[list[int]]
-    done: asyncio.Future
-    vectors: list[bytes] = field(default_factory=list)
 
 
 class SentenceEmbeddings:
@@ -81,9 +72,10 @@ class SentenceEmbeddings:
         self._lower = bool(st.get("do_lower_case"))
         self.dimensions = pooling["word_embedding_dimension"] * len(self._modes)
         self._matryoshka = matryoshka
-        self._max_batch, self._wait_s = max_batch, batch_wait_ms / 1000
-        self._queue: asyncio.Queue[_Job] | None = None
-        self._batcher: asyncio.Task | None = None
+        self._max_batch = max_batch
+        # An item is one request's rows of token ids; it takes len(rows) of max_batch.
+        self._batcher: Batcher[list[list[int]], list[bytes]] = Batcher(
+            self._run, kind="embeddings", max_batch=max_batch, wait_s=batch_wait_ms / 1000, size=len)
         self.passes = 0  # forward passes run: what batching saves is visible here
 
     # -- one request ------------------------------------------------------------------
@@ -94,21 +86,9 @@ class SentenceEmbeddings:
             raise InvalidRequest(f"This model makes {self.dimensions}-dimensional vectors and cannot shorten them "
                                  f"to {body.dimensions}.", param="dimensions")
         rows = await asyncio.to_thread(self._token_ids, body.inputs)  # a large request's tokenizing blocks
-        job = _Job(rows, asyncio.get_running_loop().create_future())
-        if self._batcher is None:
-            self._queue = asyncio.Queue()
-            self._batcher = asyncio.create_task(self._batch_forever())
-        self._queue.put_nowait(job)
-        cancelled = asyncio.ensure_future(cancel.wait())
-        try:
-            await asyncio.wait({job.done, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            cancelled.cancel()
-        if not job.done.done():
-            job.done.cancel()  # the batcher skips it, or drops what it made
+        vectors = await self._batcher.submit(rows, cancel)
+        if vectors is None:
             return None
-        job.done.result()  # a failed pass fails its requests
-        vectors = job.vectors
         if body.dimensions is not None:
             vectors = [self._shorten(v, body.dimensions) for v in vectors]
         return Embedded(vectors, sum(len(r) for r in rows))
@@ -139,45 +119,17 @@ class SentenceEmbeddings:
 
     # -- shared passes ----------------------------------------------------------------
 
-    async def _batch_forever(self) -> None:
-        """Gather jobs for up to ``batch_wait_ms`` (or ``max_batch`` inputs), embed them together, repeat."""
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = [await self._queue.get()]
-            waiting = len(jobs[0].rows)
-            until = loop.time() + self._wait_s
-            while waiting < self._max_batch:
-                try:
-                    job = self._queue.get_nowait()  # what queued up during the last pass joins at once
-                except asyncio.QueueEmpty:
-                    if (left := until - loop.time()) <= 0:
-                        break
-                    try:
-                        job = await asyncio.wait_for(self._queue.get(), left)
-                    except asyncio.TimeoutError:
-                        break
-                jobs.append(job)
-                waiting += len(job.rows)
-            jobs = [job for job in jobs if not job.done.done()]  # their requests were cancelled
-            try:
-                vectors = await self._run(jobs)
-            except Exception as exc:
-                for job in jobs:
-                    if not job.done.done():
-                        job.done.set_exception(exc)
-                continue
-            for job in jobs:
-                job.vectors, vectors = vectors[:len(job.rows)], vectors[len(job.rows):]
-                if not job.done.done():
-                    job.done.set_result(None)
-
-    async def _run(self, jobs: list[_Job]) -> list[bytes]:
-        """Every row of ``jobs`` embedded, in order, ``max_batch`` rows to a pass, off the event loop."""
-        rows = [row for job in jobs for row in job.rows]
+    async def _run(self, batch: Batch[list[list[int]]]) -> list[list[bytes]]:
+        """Each request's rows embedded, in order, ``max_batch`` rows to a pass, off the event loop."""
+        rows = [row for request in batch.items for row in request]
         vectors: list[bytes] = []
         for start in range(0, len(rows), self._max_batch):
             vectors += await asyncio.to_thread(self._forward, rows[start:start + self._max_batch])
-        return vectors
+        results = []
+        for request in batch.items:
+            results.append(vectors[:len(request)])
+            vectors = vectors[len(request):]
+        return results
 
     def _forward(self, rows: list[list[int]]) -> list[bytes]:
         """One forward pass: Transformer, Pooling, Normalize as the model's modules say."""
