@@ -129,17 +129,28 @@ class Load:
         return latencies, len(latencies) / (time.perf_counter() - start), errors
 
 
+async def quiet(pids: dict[str, int], limit: float = 60) -> None:
+    """Wait until the stack's processes together use under a tenth of a core (an overloaded phase leaves a
+    backlog the worker and billing still work through), or ``limit`` seconds."""
+    deadline = time.perf_counter() + limit
+    while time.perf_counter() < deadline:
+        before = sum(cpu_seconds(pid) for pid in pids.values())
+        await asyncio.sleep(0.5)
+        if sum(cpu_seconds(pid) for pid in pids.values()) - before < 0.05:
+            return
+
+
 async def run_phases(url: str, key: str, plan: list[tuple[str, str, float]], seconds: float,
                      pids: dict[str, int]) -> list[Phase]:
     """Warm up, then run each (name, mode, rate) of ``plan``, reading every process's CPU around it."""
-    pids = {**pids, "load generator": os.getpid()}
+    stack, pids = pids, {**pids, "load generator": os.getpid()}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         load = Load(session, url, key)
         await load.open_loop(100, min(seconds, 3), False)  # connections opened, billing's first inserts done
-        await asyncio.sleep(SETTLE_S)
         phases = []
         for name, mode, rate in plan:
+            await quiet(stack)
             before = {role: cpu_seconds(pid) for role, pid in pids.items()}
             loadavg, start = os.getloadavg()[0], time.perf_counter()
             if mode == "closed":
@@ -211,6 +222,7 @@ def profile_summary(raw: Path, top: int = 12) -> str:
 
 async def profiled_phase(url: str, key: str, rate: float, seconds: float, pids: dict[str, int], out: Path) -> None:
     """``rate`` req/s for ``seconds`` with py-spy sampling each process; print each one's summary."""
+    await quiet(pids)
     spies = {role: subprocess.Popen(
         [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration", str(int(seconds)),
          "--rate", "100", "--nonblocking", "--format", "raw", "--output", str(out / f"{role}.txt")],
@@ -246,8 +258,9 @@ def main() -> None:
     plan += [(f"streams, {r:,.0f}/s: time to first token", "stream", r) for r in args.stream_rates]
     models = f'[models.{MODEL}]\nbackend = "fixed"\nconcurrency = 64\n'
     worker = [sys.executable, str(ROOT / "bench" / "fixed_backend.py")]
-    with gateway(models, [MODEL], billing=True, worker_cmd=worker, timeout=60) as gw:
+    with gateway(models, [MODEL], billing=True, worker_cmd=worker, timeout=60, logs=True) as gw:
         url = f"{gw.url}/v1/chat/completions"
+        print(f"the processes' logs: {gw.tmp}/*.log")
         direct = asyncio.run(direct_baseline())
         print(f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, {seconds:g} s a phase; "
               f"load average {os.getloadavg()[0]:.2f} at the start\n")

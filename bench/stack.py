@@ -72,12 +72,14 @@ class Gateway:
 
 @contextlib.contextmanager
 def gateway(models_toml: str, models: list[str], *, tmp: Path | None = None, worker_env: dict | None = None,
-            timeout: float = 120, billing: bool = False, worker_cmd: list[str] | None = None) -> Iterator[Gateway]:
+            timeout: float = 120, billing: bool = False, worker_cmd: list[str] | None = None,
+            logs: bool = False) -> Iterator[Gateway]:
     """A nats-server, an edge and one worker per name in ``models``, configured by ``models_toml`` (the
     config's model tables) on a fresh state directory; stopped on exit.
 
     ``billing`` adds the billing process (metering into chDB under the state directory); ``worker_cmd``
-    replaces ``tollgate worker --model`` as the command each model's name is appended to."""
+    replaces ``tollgate worker --model`` as the command each model's name is appended to; with ``logs``
+    each process writes to ``<tmp>/<role>.log`` instead of this terminal."""
     tmp = tmp or Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
     port = free_port()
     config = tmp / "tollgate.toml"
@@ -89,14 +91,14 @@ def gateway(models_toml: str, models: list[str], *, tmp: Path | None = None, wor
         key = bench_key(server.url, load_settings(config, env))
         cli = [sys.executable, "-m", "infra.cli", "--log-level", "WARNING"]
         pids = {"nats-server": server.pid}
-        roles = {"edge": [*cli, "edge"], **({"billing": [*cli, "billing"]} if billing else {})}
-        for role, argv in roles.items():
-            procs.append(subprocess.Popen(argv, env=env, cwd=ROOT))
+        worker = worker_cmd or [*cli, "worker", "--model"]
+        starts = {"edge": ([*cli, "edge"], env), **({"billing": ([*cli, "billing"], env)} if billing else {}),
+                  **{name: ([*worker, name], {**env, **(worker_env or {})}) for name in models}}
+        for role, (argv, role_env) in starts.items():
+            with open(tmp / f"{role}.log", "w") if logs else contextlib.nullcontext() as out:
+                procs.append(subprocess.Popen(argv, env=role_env, cwd=ROOT, stdout=out,
+                                              stderr=subprocess.STDOUT if logs else None))
             pids[role] = procs[-1].pid
-        for name in models:
-            argv = [*(worker_cmd or [*cli, "worker", "--model"]), name]
-            procs.append(subprocess.Popen(argv, env={**env, **(worker_env or {})}, cwd=ROOT))
-            pids[name] = procs[-1].pid
         wait_serving(port, models, timeout)
         yield Gateway(port, key, tmp, pids)
     finally:
