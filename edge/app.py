@@ -11,6 +11,7 @@ from aiohttp import web
 
 from bus.account.budgets import BudgetStore
 from bus.connect import connect
+from bus.heap import settle_heap
 from bus.issuers import issuer_registered
 from bus.settings import Settings
 from bus.signing import Identity
@@ -18,12 +19,13 @@ from bus.subjects import INFLIGHT_BUCKET, KEYS_BUCKET, RESPONSE_CACHE_BUCKET, TE
 from bus.account.tenant_store import TenancyStore, decode_key, decode_tenant
 from bus.watched import WatchedBucket
 from edge import (admin as admin_api, billing_api, chat, completions, embeddings, image_links, images, messages,
-                  models, openapi, response_cache, speech, tokenize, transcriptions, usage)
+                  asyncapi, models, openapi, response_cache, speech, tokenize, transcriptions, usage)
+from edge import console_routes
 from edge.admission import Gate
 from edge.auth import Authenticator
 from edge.errors import error_middleware
 from edge.metrics import exposed as metrics_exposed, metrics_middleware
-from edge.tracing import trace_middleware
+from edge.tracing import exported as spans_exported, trace_middleware
 from edge.ratelimit import InFlight, RateLimiter
 from edge.routing import RoutingPublisher
 from edge.quota import QuotaGate
@@ -58,11 +60,11 @@ def create_app(settings: Settings) -> web.Application:
                           client_max_size=settings.edge.max_body_bytes)
     app[SETTINGS] = settings
     for endpoint in (chat, completions, embeddings, messages, tokenize, transcriptions, speech, images, image_links,
-                     models, usage, billing_api, openapi):  # one route table per endpoint module
+                     models, usage, billing_api, openapi, asyncapi, console_routes):  # one route table per endpoint module
         app.add_routes(endpoint.routes)
     app.router.add_get("/healthz", healthz)
     admin = web.Application(middlewares=[admin_only])
-    for endpoint in (admin_api, usage, billing_api):
+    for endpoint in (admin_api, usage, billing_api, console_routes):
         admin.add_routes(endpoint.admin_routes)
     app.add_subapp("/admin", admin)
 
@@ -96,6 +98,7 @@ def create_app(settings: Settings) -> web.Application:
         app[BUDGETS] = await BudgetStore.open(js)
         app[IMAGE_INPUTS] = image_inputs = ImageInputs(settings.edge.images)
         app[RESPONSE_CACHE] = ResponseCache(await js.key_value(RESPONSE_CACHE_BUCKET), publisher, gate, settings)
+        settle_heap()  # everything above lives as long as the edge: no collection need scan it again
         yield
         await image_inputs.close()
         await gate.stop()
@@ -107,6 +110,7 @@ def create_app(settings: Settings) -> web.Application:
             await mirror.stop()
         await nc.drain()
 
+    app.cleanup_ctx.append(spans_exported(settings))  # OpenTelemetry spans, if a collector is set; ended last
     app.cleanup_ctx.append(lifecycle)
     app.cleanup_ctx.append(metrics_exposed(settings))  # Prometheus /metrics on its own port
     app.on_response_prepare.append(response_cache.mark)  # the x-tollgate-cache header: hit or miss

@@ -28,6 +28,7 @@ from bus.openai.audio import (SPEECH_CONTENT_TYPES, SpeechRequest, Transcript, T
 from bus.openai.errors import ErrorResponse
 from bus.protocol import CreditEntry, UsageTotals
 from edge.admin import KeyCreate
+from edge.console_routes import DeadLetters, LaneQueue, LiveWorker
 
 T = TypeVar("T")
 Object = dict[str, Any]  # a JSON object the route builds as a dict (views that leave out secrets)
@@ -103,6 +104,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/healthz"): Op("Whether the edge reaches the bus, and which models are served", auth="none",
                             also={503: "degraded: the bus is unreachable"}),
     ("GET", "/openapi.json"): Op("This document", auth="none"),
+    ("GET", "/asyncapi.json"): Op("The AsyncAPI 3.0 document of the bus (edge/asyncapi.py)", auth="none"),
     ("GET", "/docs"): Op("A page listing this document's operations", ok=None, media=("text/html",), auth="none"),
     ("POST", "/admin/tenants"): Op("Create a tenant", Tenant, ok=Tenant, status=201, auth="admin"),
     ("GET", "/admin/tenants"): Op("List tenants", ok=ListOf[Tenant], auth="admin"),
@@ -123,6 +125,15 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/admin/budgets"): Op("Create or replace a budget", Budget, status=201, auth="admin"),
     ("GET", "/admin/budgets"): Op("List budgets", ok=ListOf[Object], query=(("tenant", str),), auth="admin"),
     ("DELETE", "/admin/budgets/{budget}"): Op("Delete a budget", auth="admin"),
+    ("GET", "/admin/queues"): Op("Requests queued and running per model and lane", ok=ListOf[LaneQueue],
+                                 auth="admin", also={503: "the bus did not answer in time"}),
+    ("GET", "/admin/workers"): Op("The workers live now", ok=ListOf[LiveWorker], auth="admin"),
+    ("GET", "/admin/dead-letters"): Op("The latest messages moved to the dead letters, with their reasons",
+                                       ok=DeadLetters, auth="admin", also={503: "the bus did not answer in time"}),
+    ("GET", "/console"): Op("The operator's console page (it signs in with the admin token)", ok=None,
+                            media=("text/html",), auth="none"),
+    ("GET", "/console/{file}"): Op("The console page's files: its script and style sheet (and the page)", ok=None,
+                                   media=("text/html", "text/javascript", "text/css"), auth="none"),
 }
 
 _PARAM = re.compile(r"\{(\w+)(?::[^}]*)?\}")

@@ -22,6 +22,7 @@ from bus.subjects import (
     CANCELLED_BUCKET,
     CREDIT_IDS_BUCKET,
     CREDITS_STREAM,
+    DEAD_LETTER_STREAM,
     EVENTS_STREAM,
     HOLDS_STREAM,
     INFLIGHT_BUCKET,
@@ -138,7 +139,10 @@ def permissions(role: str) -> dict:
                *_kv_write(CREDIT_IDS_BUCKET),
                *_kv_write(BUDGETS_BUCKET), *_kv_read(BUDGET_STATE_BUCKET),
                *_blob_write(REQUEST_BLOBS_BUCKET), *_blob_read(RESULT_BLOBS_BUCKET),  # large bodies and results
-               *_blob_write(RESULT_BLOBS_BUCKET)]  # images behind `url` links (edge/image_links.py)
+               *_blob_write(RESULT_BLOBS_BUCKET),  # images behind `url` links (edge/image_links.py)
+               # The console's read-only views (edge/console_routes.py): lane counts, the latest dead letters.
+               f"$JS.API.CONSUMER.INFO.{REQUESTS_STREAM}.>", f"$JS.API.STREAM.INFO.{DEAD_LETTER_STREAM}",
+               f"$JS.API.STREAM.MSG.GET.{DEAD_LETTER_STREAM}"]
         # Edges own the HTTP connections of every tenant, so they may read any edge's replies.
         sub = ["tg.reply.>"]
     elif role.startswith("worker:"):
