@@ -199,6 +199,16 @@ def _cmd_keys_revoke(settings: Settings, args) -> int:
     return _tenancy(settings, revoke)
 
 
+def _cmd_docs_asyncapi(settings: Settings, args) -> int:
+    from edge.asyncapi import rendered
+
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(rendered())
+    print(f"wrote {path}")
+    return 0
+
+
 def _limit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpm", type=int, help="requests per minute")
     p.add_argument("--tpm", type=int, help="tokens per minute")
@@ -273,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke")
     revoke.add_argument("id")
     revoke.set_defaults(run=_cmd_keys_revoke)
+    docs = sub.add_parser("docs", help="generated documents").add_subparsers(dest="docs_command", required=True)
+    asyncapi = docs.add_parser("asyncapi", help="write the AsyncAPI 3.0 document of the bus (also served at "
+                                                "/asyncapi.json)")
+    asyncapi.add_argument("--out", default="docs/asyncapi.json")
+    asyncapi.set_defaults(run=_cmd_docs_asyncapi)
     add_billing_commands(sub, _on_bus)
     add_deploy_commands(sub)
     return parser
