@@ -60,7 +60,7 @@ def create_app(settings: Settings) -> web.Application:
                           client_max_size=settings.edge.max_body_bytes)
     app[SETTINGS] = settings
     for endpoint in (chat, completions, embeddings, messages, tokenize, transcriptions, speech, images, image_links,
-                     models, usage, billing_api, openapi, asyncapi, asyncapi, console_routes):  # one route table per endpoint module
+                     models, usage, billing_api, openapi, asyncapi, console_routes):  # one route table per endpoint module
         app.add_routes(endpoint.routes)
     app.router.add_get("/healthz", healthz)
     admin = web.Application(middlewares=[admin_only])

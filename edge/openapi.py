@@ -105,7 +105,6 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                             also={503: "degraded: the bus is unreachable"}),
     ("GET", "/openapi.json"): Op("This document", auth="none"),
     ("GET", "/asyncapi.json"): Op("The AsyncAPI 3.0 document of the bus (edge/asyncapi.py)", auth="none"),
-    ("GET", "/asyncapi.json"): Op("The AsyncAPI 3.0 document of the bus (edge/asyncapi.py)", auth="none"),
     ("GET", "/docs"): Op("A page listing this document's operations", ok=None, media=("text/html",), auth="none"),
     ("POST", "/admin/tenants"): Op("Create a tenant", Tenant, ok=Tenant, status=201, auth="admin"),
     ("GET", "/admin/tenants"): Op("List tenants", ok=ListOf[Tenant], auth="admin"),
