@@ -29,6 +29,7 @@ from nats.js import JetStreamContext
 from billing.batches import Batches, ack_each, delivery
 from billing import metrics
 from billing.clickhouse import ClickHouse
+from bus import tracing
 from bus.dead_letters import dead_letter
 from bus.account import credits
 from bus.envelopes import open_usage
@@ -182,8 +183,7 @@ class Meter(Batches):
         began = time.monotonic()
         try:
             await self.ch.insert_columns("usage_events", [*columns(new), stamp * len(new)], _INSERT_COLUMNS)
-            self._last_insert = time.monotonic()
-            metrics.inserted(new, self._last_insert - began, time.time())
+            self._inserted(new, began, by_id)
             return new
         except Exception:
             metrics.refused(time.monotonic() - began)
@@ -196,8 +196,7 @@ class Meter(Batches):
                 began = time.monotonic()
                 await self.ch.insert_columns("usage_events", [*columns([event]), stamp], _INSERT_COLUMNS)
                 stored.append(event)
-                self._last_insert = time.monotonic()
-                metrics.inserted([event], self._last_insert - began, time.time())
+                self._inserted([event], began, by_id)
             except Exception as exc:
                 refused.append((event, exc, self._refused_again(event.request_id)))
         if not stored and len(new) > 1:
@@ -213,6 +212,16 @@ class Meter(Batches):
             for msg in msgs:
                 await dead_letter(self._js, msg, "usage", f"ClickHouse refused it: {exc}")
         return stored
+
+    def _inserted(self, events: list[UsageEvent], began: float, by_id: dict[str, list[Msg]]) -> None:
+        """Note an insert ClickHouse took, begun at monotonic ``began``: its metrics, and a store span
+        (if spans are on) in the trace of each event whose report carried its request's traceparent."""
+        self._last_insert = time.monotonic()
+        now = time.time()
+        metrics.inserted(events, self._last_insert - began, now)
+        tracing.record("tollgate.store", now - (self._last_insert - began), now,
+                       parents=(tracing.sent_in(by_id[e.request_id][0].headers, e.trace_id) for e in events),
+                       attributes={"tollgate.batch_size": len(events)})
 
     def _refused_again(self, request_id: str) -> bool:
         """Note a refusal of ``request_id`` now; whether ClickHouse took another insert since its last one.

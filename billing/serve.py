@@ -19,6 +19,7 @@ from billing.meter import Meter, Watermark
 from billing.schema import apply_schema
 from billing.usage_service import UsageService
 from billing.webhooks import WebhookSender
+from bus import tracing
 from bus.connect import connect
 from bus.metrics import serve_metrics
 from bus.provision import ensure_billing_consumers
@@ -88,6 +89,7 @@ async def serve_billing(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    tracing.install(settings.tracing, "billing")
     billing = Billing(settings, nc, ch)
     await billing.start()
     exposed = await serve_metrics(settings.processes.metrics_host, settings.meter.metrics_port,
@@ -100,3 +102,4 @@ async def serve_billing(settings: Settings) -> None:
         await billing.stop()
         await nc.drain()
         ch.close()
+        await asyncio.to_thread(tracing.uninstall)  # the last spans sent

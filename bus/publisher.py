@@ -44,12 +44,16 @@ class Call:
     def deliver(self, frame: Frame) -> None:
         self._queue.put_nowait(frame)
 
-    async def frames(self) -> AsyncIterator[Delta | Chunk | Final]:
+    def frames(self) -> AsyncIterator[Delta | Chunk | Final]:
         """Yield deltas (text) or chunks (binary), then the final frame; raise the request's error if it fails.
 
         Until a worker takes the request only the deadline applies; once one
         has, it must keep talking (heartbeats), or the request fails fast.
+        With spans on, the wait is the request's relay span.
         """
+        return tracing.relayed(self._frames(), self.envelope)
+
+    async def _frames(self) -> AsyncIterator[Delta | Chunk | Final]:
         expected, started = 0, False
         while True:
             remaining = self.envelope.deadline - time.time()
@@ -180,6 +184,7 @@ class Publisher:
                 queued = False  # refused by the client library before anything was sent
                 raise
             await self.nc.publish(bell_subject(lane, model), b"")
+            tracing.record("tollgate.publish", now, kind="producer", envelope=envelope)  # stored, and the bell rung
             yield call
         finally:
             del self._calls[request_id]

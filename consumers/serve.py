@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 from typing import Callable
 
+from bus import tracing
 from bus.connect import connect
 from bus.issuers import issuer_registered
 from bus.metrics import serve_metrics
@@ -129,9 +130,11 @@ async def serve_model(settings: Settings, model: str, backend: Backend | None = 
         loop.add_signal_handler(sig, stop.set)
     worker = Worker(settings, model, backend, nc, identity)
     exposed = await serve_metrics(settings.processes.metrics_host, settings.worker.metrics_port, collector(worker))
+    tracing.install(settings.tracing, "worker", **{"tollgate.model": model})
     try:
         await worker.run(stop)
     finally:
+        await asyncio.to_thread(tracing.uninstall)  # the last spans sent
         if exposed is not None:
             await exposed.cleanup()
         await nc.drain()

@@ -19,6 +19,7 @@ from typing import Callable
 
 import time
 
+from bus import tracing
 from bus.account.prices import Charge
 from bus.account.tenants import Policy
 from bus.errors import ModelNotFound
@@ -58,6 +59,7 @@ class Gate:
             raise ModelNotFound(f"The model '{name}' does not exist or you do not have access to it.", param="model")
         return spec, policy
 
+    @tracing.traced("tollgate.admit")
     async def admit(self, *, principal: Principal, model: str, spec: ModelSpec, policy: Policy, lane: str,
                     charge: Charge, deadline_s: float | None = None) -> Admitted:
         """Take everything the request needs, or raise the refusal; safe to cancel at any point.

@@ -60,7 +60,8 @@ def refusal_reason(exc: TollgateError) -> str | None:
     return None
 
 
-def _route(request: web.Request) -> str:
+def route_pattern(request: web.Request) -> str:
+    """The route table's pattern the request matched (``unmatched`` for none): a bounded name for it."""
     resource = request.match_info.route.resource
     return _UNMATCHED if resource is None else resource.canonical
 
@@ -69,7 +70,7 @@ def _route(request: web.Request) -> str:
 async def metrics_middleware(request: web.Request, handler):
     """Count and time every request; sits inside ``error_middleware`` so it sees typed errors as raised."""
     request[_ARRIVED] = started = time.monotonic()
-    route = _route(request)
+    route = route_pattern(request)
     token = _ADMITTED.set(("", ""))
     status = 500  # a bug or a cancelled request unless the handler says otherwise
     IN_FLIGHT.labels(route).inc()
