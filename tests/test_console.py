@@ -135,7 +135,7 @@ async def test_the_console_runs_a_tenant_and_shows_what_the_admin_api_says(stack
     assert live, workers
     await expect(page.locator(f"#worker-table tr[data-model='{CHAT_MODEL}'] td.live")).to_have_text(_n(len(live)))
     if path := os.environ.get("CONSOLE_SCREENSHOT"):
-        await page.screenshot(path=path, full_page=True)
+        await page.screenshot(path=path)
 
     # Revoking the key in the page: the API refuses it from then on.
     await page.click("#key-table tr:has-text('from-the-console') button")
