@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class Billing:
-    """Every billing consumer over one NATS connection and one ClickHouse engine."""
+    """Every billing consumer over one NATS connection (usage queries over their FastStream broker's) and one
+    ClickHouse engine."""
 
     def __init__(self, settings: Settings, nc: Client, ch: ClickHouse):
         js = nc.jetstream()
@@ -40,7 +41,7 @@ class Billing:
         self.ledger = LedgerWriter(settings, nc, ch)
         self.holds = HoldSweeper(settings, nc, ch)
         self.webhooks = WebhookSender(settings, nc)
-        self.usage = UsageService(nc, ch)
+        self.usage = UsageService(settings.nats, ch)  # FastStream, on a connection of its own
         self._consumers = (self.meter, self.ledger, self.holds, self.webhooks)
         self.ch = ch
         self._stop = asyncio.Event()

@@ -3,6 +3,10 @@
 Billing owns the ClickHouse engine (embedded chDB allows one process per
 path), so the edge asks here instead of opening ClickHouse itself. Queries
 read the per-hour rollup.
+
+It is a FastStream subscriber, on a connection of its own as billing's NATS user: the pattern for
+internal consumers off the hot path (README, "Writing an internal service"). The hot paths (edge
+publish, worker dispatch, meter ingest) stay on nats-py: BENCHMARKS.md, "FastStream overhead".
 """
 
 from __future__ import annotations
@@ -11,12 +15,12 @@ import logging
 from datetime import datetime, timezone
 
 import msgspec
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from billing.clickhouse import ClickHouse
+from bus.connect import broker
 from bus.errors import InvalidRequest, TollgateError
 from bus.protocol import USAGE_GROUPS, UsageAnswer, UsageQuery, UsageTotals
+from bus.settings import NatsSettings
 from bus.subjects import USAGE_QUERY_SUBJECT
 
 log = logging.getLogger(__name__)
@@ -61,20 +65,23 @@ def usage_sql(query: UsageQuery) -> tuple[str, dict]:
 
 
 class UsageService:
-    def __init__(self, nc: Client, ch: ClickHouse):
-        self.nc, self.ch = nc, ch
-        self._sub = None
+    """Answers usage queries on ``tg.billing.usage``; billing processes share them (queue group ``billing``)."""
+
+    def __init__(self, nats: NatsSettings, ch: ClickHouse):
+        self.ch = ch
+        self.broker = broker(nats, "tollgate-billing-usage")
+        self.broker.subscriber(USAGE_QUERY_SUBJECT, queue="billing")(self.answer)
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(USAGE_QUERY_SUBJECT, queue="billing", cb=self._answer)
+        await self.broker.start()
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
+        await self.broker.stop()  # drains: queries taken are answered first
 
-    async def _answer(self, msg: Msg) -> None:
+    async def answer(self, data: bytes) -> bytes:
+        """The encoded ``UsageAnswer`` to an encoded ``UsageQuery``: the totals, or the error saying why not."""
         try:
-            query = _decode(msg.data)
+            query = _decode(data)
             sql, params = usage_sql(query)
             rows = await self.ch.query(sql, params)
             n = len(query.group_by)
@@ -88,4 +95,4 @@ class UsageService:
         except Exception:
             log.exception("usage query failed")
             answer = UsageAnswer(error=TollgateError("The usage query failed.").info())
-        await msg.respond(msgspec.msgpack.encode(answer))
+        return msgspec.msgpack.encode(answer)

@@ -224,7 +224,9 @@ class BillingRunner:
 
     async def start(self) -> None:
         self.nc = await self.stack.connect("billing")
-        self.billing = Billing(self.stack.settings, self.nc, self.ch)
+        # As the billing user: the usage query service connects with these settings (billing/usage_service.py).
+        self.billing = Billing(roles.as_role(self.stack.settings, "billing", self.stack.passwords["billing"]),
+                               self.nc, self.ch)
         await self.billing.start()
 
     async def stop(self) -> None:
