@@ -6,7 +6,7 @@ read the per-hour rollup.
 
 It is a FastStream subscriber, on a connection of its own as billing's NATS user: the pattern for
 internal consumers off the hot path (README, "Writing an internal service"). The hot paths (edge
-publish, worker dispatch, meter ingest) stay on nats-py: BENCHMARKS.md, "FastStream overhead".
+publish, worker dispatch, meter ingest) stay on nats-py: BENCHMARKS.md, "FastStream against nats-py".
 """
 
 from __future__ import annotations
