@@ -16,7 +16,7 @@ import pytest
 from playwright.async_api import Page, async_playwright, expect
 
 from bus.subjects import LANES, usage_subject
-from tests.conftest import ADMIN_TOKEN, CHAT_MODEL, admin, eventually
+from tests.conftest import ADMIN_TOKEN, CHAT_MODEL, admin, eventually, request_id, usage_rows
 
 CHROMIUM = "/usr/bin/chromium"
 HI = [{"role": "user", "content": "Say hi."}]
@@ -151,9 +151,20 @@ async def test_the_console_runs_a_tenant_and_shows_what_the_admin_api_says(stack
     assert await eventually(refused, timeout=5)
 
 
-async def test_a_dead_lettered_message_is_listed_with_its_reason(stack, nc, page):
+async def test_failures_show_requests_that_did_not_finish_and_dead_letters(stack, nc, client, clickhouse, page):
+    # A request its client left: billed as cancelled, counted with the model's failures.
+    stream = await client.chat.completions.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "Write a very long story about a dragon."}],
+        max_tokens=400, stream=True)
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    await stream.close()
+    [row] = await usage_rows(clickhouse, [request_id(chunk.id)], expect=1)
+    assert row["status"] == "cancelled"
+    # A message billing cannot take: unsigned, it is moved to the dead letters.
     subject = usage_subject("console-poison-" + uuid.uuid4().hex[:6])
-    await nc.jetstream().publish(subject, b"not a usage report")  # unsigned: billing moves it aside
+    await nc.jetstream().publish(subject, b"not a usage report")
 
     async def dead():
         status, body = await admin(stack, "GET", "/admin/dead-letters")
@@ -162,7 +173,12 @@ async def test_a_dead_lettered_message_is_listed_with_its_reason(stack, nc, page
 
     [letter] = await eventually(dead)
     assert letter["source"] == "usage" and letter["reason"]
+    _, usage = await admin(stack, "GET", "/admin/usage?group_by=model,status")
+    [cancelled] = [r for r in usage["data"] if r["group"] == {"model": CHAT_MODEL, "status": "cancelled"}]
+
     await _sign_in(page)
+    failed = page.locator(f"#failed-table tr[data-model='{CHAT_MODEL}'][data-status='cancelled'] td.requests")
+    await expect(failed).to_have_text(_n(cancelled["requests"]))
     row = page.locator(f"#dead-table tr[data-seq='{letter['seq']}']")
     await expect(row.locator("td.subject")).to_have_text(subject)
     await expect(row.locator("td.reason")).to_have_text(letter["reason"])
