@@ -21,6 +21,7 @@ from typing import Any, Callable
 import msgspec
 from aiohttp import web
 
+from bus import tracing
 from bus.account.budgets import Budget, BudgetState
 from bus.account.tenants import ApiKey, Tenant
 from bus.dead_letters import REASON_HEADER, SUBJECT_HEADER
@@ -62,7 +63,9 @@ HEADERS: dict[str, str] = {
     REASON_HEADER: "Why the message was dead-lettered",
     SUBJECT_HEADER: "The subject the message was first published on",
     INCR_HEADER: "The signed amount a JetStream counter adds (\"+5\", \"-2\")",
+    tracing.HEADER: "The request's W3C traceparent, when its envelope carried one: billing's spans join its trace",
 }
+_OPTIONAL = {tracing.HEADER}  # headers a message may go without
 
 PARAMETERS: dict[str, dict] = {
     "lane": {"enum": list(LANES), "description": "The priority lane; workers drain them in this order"},
@@ -135,8 +138,8 @@ CHANNELS: dict[str, Channel] = {
         "model's workers", TokenizerAsk, send=("edge",), receive=("worker",), queue="tokenize", reply=TokenizeAnswer),
     "usage": Channel(
         usage_subject, "What one request a worker accepted used and cost, with the ticket its issuer signed: the basis "
-        "of all billing. Its trace_id is the request's W3C trace.", UsageReport, _SIGNED, send=("worker",),
-        receive=("billing",), stream=USAGE_STREAM, durable=METER_CONSUMER),
+        "of all billing. Its trace_id is the request's W3C trace.", UsageReport, (*_SIGNED, tracing.HEADER),
+        send=("worker",), receive=("billing",), stream=USAGE_STREAM, durable=METER_CONSUMER),
     "cache_hit_usage": Channel(
         cache_hit_usage_subject, "The usage of an answer an edge served from its response cache, signed by that edge",
         UsageReport, _SIGNED, send=("edge",), receive=("billing",), stream=USAGE_STREAM, durable=METER_CONSUMER),
@@ -223,7 +226,7 @@ def pattern(address: Callable[..., str] | str) -> str:
 def _message(name: str, summary: str, payload: dict, headers: tuple[str, ...], content_type: str) -> dict:
     message = {"name": name, "title": name, "summary": summary, "contentType": content_type, "payload": payload}
     if headers:
-        message["headers"] = {"type": "object", "required": list(headers),
+        message["headers"] = {"type": "object", "required": [h for h in headers if h not in _OPTIONAL],
                               "properties": {h: {"type": "string", "description": HEADERS[h]} for h in headers}}
     return message
 

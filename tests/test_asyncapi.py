@@ -199,6 +199,9 @@ async def test_real_messages_of_one_chat_request_match_the_served_document(stack
             errors = [e.message for e in validator.iter_errors(decoded)]
             assert not errors, (key, errors[:3])
             assert set(required) <= set(msg.headers or {}), (key, required, msg.headers)
+            # and no header the document does not name
+            assert set(msg.headers or {}) <= set(document["components"]["messages"][key].get("headers", {})
+                                                 .get("properties", {})), (key, msg.headers)
     # The schemas have teeth: a cost below zero, or a frame of no known type, is not a valid message.
     usage = msgspec.msgpack.decode(ours["usage"][0].data)
     usage["event"]["cost_micros"] = -1
