@@ -21,6 +21,7 @@ from billing.usage_service import UsageService
 from billing.webhooks import WebhookSender
 from bus import tracing
 from bus.connect import connect
+from bus.heap import settle_heap
 from bus.metrics import serve_metrics
 from bus.provision import ensure_billing_consumers
 from bus.settings import Settings
@@ -93,6 +94,7 @@ async def serve_billing(settings: Settings) -> None:
     tracing.install(settings.tracing, "billing")
     billing = Billing(settings, nc, ch)
     await billing.start()
+    settle_heap()  # the engine, the connection and the consumers live as long as billing: never scanned again
     exposed = await serve_metrics(settings.processes.metrics_host, settings.meter.metrics_port,
                                   metrics.collector(billing.js))
     try:

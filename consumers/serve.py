@@ -10,6 +10,7 @@ from typing import Callable
 
 from bus import tracing
 from bus.connect import connect
+from bus.heap import settle_heap
 from bus.issuers import issuer_registered
 from bus.metrics import serve_metrics
 from bus.settings import ModelSpec, Settings
@@ -131,6 +132,7 @@ async def serve_model(settings: Settings, model: str, backend: Backend | None = 
     worker = Worker(settings, model, backend, nc, identity)
     exposed = await serve_metrics(settings.processes.metrics_host, settings.worker.metrics_port, collector(worker))
     tracing.install(settings.tracing, "worker", **{"tollgate.model": model})
+    settle_heap()  # the model and the connection live as long as the worker: no collection need scan them again
     try:
         await worker.run(stop)
     finally:
