@@ -15,6 +15,7 @@ carries, and the worker's and billing's spans are its children.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -25,7 +26,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mapping, TypeVar
 
 if TYPE_CHECKING:
-    from bus.protocol import Envelope
+    from bus.protocol import Envelope, UsageEvent
     from bus.settings import TracingSettings
 
 HEADER = "traceparent"
@@ -140,10 +141,11 @@ def enabled() -> bool:
 
 
 def _attributes(envelope: Envelope | None, attributes: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    # Two attributes name the request on each of its spans; the rest of it goes on the run span alone
+    # (``finished``): every attribute costs the SDK a few microseconds on the request's path.
     if envelope is None:
         return attributes and dict(attributes)
-    return {"tollgate.request_id": envelope.id, "tollgate.tenant": envelope.tenant, "tollgate.model": envelope.model,
-            "tollgate.lane": envelope.lane, "tollgate.kind": envelope.kind, **(attributes or {})}
+    return {"tollgate.request_id": envelope.id, "tollgate.model": envelope.model, **(attributes or {})}
 
 
 @contextlib.contextmanager
@@ -152,6 +154,9 @@ def _current_span(otel: _Otel, name: str, parent: str, kind: str, attributes: di
     token = CURRENT.set(traceparent(span))  # its children, the envelope and log lines take it up
     try:
         yield span
+    except asyncio.CancelledError:
+        span.add_event("cancelled")  # its caller left (a client gone, a process stopping): no failure of its own
+        raise
     except BaseException as exc:
         span.record_exception(exc)
         otel.failed(span, type(exc).__name__)
@@ -165,8 +170,9 @@ def span(name: str, *, parent: str | None = None, kind: str = "internal", envelo
          attributes: Mapping[str, Any] | None = None) -> contextlib.AbstractContextManager:
     """A span around a block, child of ``parent`` (a ``traceparent``; the current one if None; a new
     trace if it does not parse), and the current ``traceparent`` inside it. An exception leaving the
-    block marks it failed. Yields the span, or None while tracing is off. ``envelope``: the request
-    it is about, named in its attributes. ``kind``: internal, server, client, producer or consumer."""
+    block marks it failed; a cancellation is only an event (the caller left). Yields the span, or None
+    while tracing is off. ``envelope``: the request it is about, named in its attributes. ``kind``:
+    internal, server, client, producer or consumer."""
     otel = _otel
     if otel is None:
         return contextlib.nullcontext()
@@ -218,13 +224,21 @@ def sent_in(headers: Mapping[str, str] | None, trace: str) -> str:
     return headers[HEADER] if trace and trace_id(headers) == trace else ""
 
 
-def finished(span, status: str, error_code: str | None = None) -> None:
-    """Name a request's outcome on its ``span`` (None: tracing off); an ``error`` marks the span failed."""
+def finished(span, usage: UsageEvent) -> None:
+    """Put a request's outcome, from its usage event, on its run ``span`` (None: tracing off); an error
+    marks the span failed."""
     if span is None:
         return
-    span.set_attribute("tollgate.status", status)
-    if status == "error":
-        _otel.failed(span, error_code or "error")
+    span.set_attributes({"tollgate.status": usage.status, "tollgate.tenant": usage.tenant, "tollgate.lane": usage.lane,
+                         "tollgate.kind": usage.kind, "tollgate.input_units": usage.input_units,
+                         "tollgate.output_units": usage.output_units})
+    if usage.status == "error":
+        failed(span, usage.error_code or "error")
+
+
+def failed(span, description: str) -> None:
+    """Mark ``span`` failed (its status an error), saying why."""
+    _otel.failed(span, description)
 
 
 def relayed(frames: AsyncIterator[_T], envelope: Envelope) -> AsyncIterator[_T]:
@@ -245,7 +259,8 @@ async def _relay(otel: _Otel, frames: AsyncIterator[_T], envelope: Envelope) -> 
                     span.add_event("first frame")
                     first = False
                 yield frame
-    except GeneratorExit:  # its reader stopped early (a client gone); the reader's own span says why
+    except (GeneratorExit, asyncio.CancelledError):  # its reader stopped early, or left; not a failure
+        span.add_event("cancelled")
         raise
     except BaseException as exc:
         span.record_exception(exc)

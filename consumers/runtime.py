@@ -222,7 +222,7 @@ class Worker:
         tracing.record("tollgate.queue_wait", envelope.created, pulled, envelope=envelope)
         with tracing.span("tollgate.run", kind="consumer", envelope=envelope) as span:
             usage = await self._run(envelope, msg)
-            tracing.finished(span, usage.status, usage.error_code)
+            tracing.finished(span, usage)
         metrics.ran(usage)
         await self._meter(usage, envelope, msg)
         await msg.ack()

@@ -25,7 +25,7 @@ from edge.admission import Gate
 from edge.auth import Authenticator
 from edge.errors import error_middleware
 from edge.metrics import exposed as metrics_exposed, metrics_middleware
-from edge.tracing import exported as spans_exported, trace_middleware
+from edge.tracing import exported as spans_exported, response_status, trace_middleware
 from edge.ratelimit import InFlight, RateLimiter
 from edge.routing import RoutingPublisher
 from edge.quota import QuotaGate
@@ -114,6 +114,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(lifecycle)
     app.cleanup_ctx.append(metrics_exposed(settings))  # Prometheus /metrics on its own port
     app.on_response_prepare.append(response_cache.mark)  # the x-tollgate-cache header: hit or miss
+    app.on_response_prepare.append(response_status)  # on the request's server span, if spans are on
     return app
 
 

@@ -13,6 +13,9 @@ from bus.settings import Settings
 from edge.metrics import route_pattern
 
 
+_SPAN = web.RequestKey("tollgate_server_span", object)
+
+
 @web.middleware
 async def trace_middleware(request: web.Request, handler):
     """Make the request's ``traceparent`` current: the envelope carries it, log lines name its trace id.
@@ -29,11 +32,21 @@ async def trace_middleware(request: web.Request, handler):
     route = route_pattern(request)
     with tracing.span(f"{request.method} {route}", parent=header or "", kind="server",
                       attributes={"http.request.method": request.method, "http.route": route}) as span:
+        request[_SPAN] = span
         response = await handler(request)
-        span.set_attribute("http.response.status_code", response.status)
-        if response.status >= 500:
-            tracing.finished(span, "error", str(response.status))
+        await response_status(request, response)  # a response sent after its handler returns
         return response
+
+
+async def response_status(request: web.Request, response: web.StreamResponse) -> None:
+    """Put the status a request is answered with on its server span (``on_response_prepare``: a stream's
+    headers go out inside its handler, which a client leaving at the end may then cancel)."""
+    span = request.get(_SPAN)
+    if span is None or not span.is_recording():
+        return
+    span.set_attribute("http.response.status_code", response.status)
+    if response.status >= 500:
+        tracing.failed(span, f"HTTP {response.status}")
 
 
 def exported(settings: Settings):
