@@ -297,6 +297,7 @@ DEFAULT_MODELS: dict[str, ModelSpec] = {
         # The model card's own sampling settings: at OpenAI's default of 1.0 this small model wanders.
         temperature=0.2,
         top_p=0.9,
+        concurrency=8,  # sequences decoding together in one continuous batch
         # Demo prices, so usage shows a cost; set your own per model.
         prices=Prices(input_token=1, output_token=2),
     ),

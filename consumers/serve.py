@@ -32,10 +32,11 @@ def _transformers_chat(spec: ModelSpec, path: str) -> Backend:
     if spec.vision:
         from consumers.backends.transformers_vision import TransformersVision
 
-        return TransformersVision(path)
+        return TransformersVision(path, device=spec.device, compute_type=spec.compute_type, batch=spec.concurrency)
     from consumers.backends.transformers_chat import TransformersChat
 
-    return TransformersChat(path)
+    # The worker's slots are the sequences decoding together.
+    return TransformersChat(path, device=spec.device, compute_type=spec.compute_type, batch=spec.concurrency)
 
 
 def _rapidocr(spec: ModelSpec, path: str) -> Backend:

@@ -1,4 +1,4 @@
-"""Chat and text completions with a transformers causal LM, generated in a thread and streamed token by token."""
+"""Chat and text completions with a transformers causal LM, decoded in continuous batches and streamed token by token."""
 
 from __future__ import annotations
 
@@ -7,38 +7,15 @@ import threading
 from typing import AsyncIterator
 
 import torch
-import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bus.errors import InvalidRequest
 from bus.protocol import ChatBody, ChatMessage, CompletionBody
 from consumers.backends.base import ChatResult
+from consumers.backends.continuous_batching import ContinuousBatch, Sequence
 
-
-class _TokenPipe(BaseStreamer):
-    """Hands generated token ids from the generation thread to the event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
-        self._loop, self._queue = loop, queue
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first echoes the prompt
-            self._prompt_seen = True
-            return
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        """The end marker is sent by the generation thread itself, even when it fails."""
-
-
-class _StopWhen(StoppingCriteria):
-    def __init__(self, flag: threading.Event):
-        self._flag = flag
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self._flag.is_set(), dtype=torch.bool)
+# Weights' precision by ModelSpec.compute_type ("default": float32 on the CPU, the checkpoint's own on a GPU).
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class TransformersChat:
@@ -46,15 +23,18 @@ class TransformersChat:
 
     kinds = frozenset({"chat", "completions"})
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, device: str = "cpu", compute_type: str = "default", batch: int = 1):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        self.model.eval()
         if not self.tokenizer.chat_template:
             raise ValueError(f"{path} has no chat template")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype(device, compute_type)).to(device)
+        self.model.eval()
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        # One generation at a time per process: torch already uses every core for one.
-        self._lock = asyncio.Lock()
+        self._start_batching(batch)
+
+    def _start_batching(self, batch: int) -> None:
+        """Decode up to ``batch`` requests together (the worker's slots), ending each at an end token."""
+        self._batch = ContinuousBatch(self.model, set(_as_list(self.tokenizer.eos_token_id)), batch)
 
     def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
         """The prompt ids chat generates from: ``messages`` through the chat template."""
@@ -102,43 +82,33 @@ class TransformersChat:
 
     async def _generate(self, prompt: list[int], max_new: int, body: ChatBody | CompletionBody,
                         cancel: asyncio.Event, inputs: dict | None = None) -> AsyncIterator[str | ChatResult]:
-        """Sample up to ``max_new`` tokens after ``prompt`` with ``body``'s sampling and stop strings;
-        ``inputs`` are more of the model's inputs (a vision model's pixel values)."""
+        """Sample up to ``max_new`` tokens after ``prompt`` with ``body``'s sampling and stop strings, in
+        the running batch; ``inputs`` are more of the model's prefill inputs (a vision model's pixel values)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        stop_now = threading.Event()
-        greedy = body.temperature == 0
-        kwargs = dict(
-            input_ids=torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=max_new,
-            do_sample=not greedy,
-            streamer=_TokenPipe(loop, queue),
-            stopping_criteria=StoppingCriteriaList([_StopWhen(stop_now)]),
-            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-            **(inputs or {}),
+        queue: asyncio.Queue = asyncio.Queue()  # bounded by max_new: one item per token, and the end
+        sequence = Sequence(
+            prompt=prompt, max_new=max_new,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=body.top_p or 1.0, seed=body.seed,
+            emit=lambda token: loop.call_soon_threadsafe(queue.put_nowait, None if token is None else [token]),
+            stop=threading.Event(), inputs=inputs or {},
         )
-        if not greedy:
-            kwargs.update(temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p or 1.0, top_k=0)
+        self._batch.submit(sequence)
+        try:
+            async for item in _texts(self.tokenizer, queue, body.stop, sequence.stop, cancel, max_new, len(prompt)):
+                if isinstance(item, ChatResult) and sequence.failure is not None:
+                    raise sequence.failure  # the runtime reports it; nothing is billed as a result
+                yield item
+        finally:
+            sequence.stop.set()  # the batch drops it at its next step, however the reader ended
 
-        def generate() -> None:
-            try:
-                if body.seed is not None:
-                    transformers.set_seed(body.seed % 2**32)  # numpy's seed range; OpenAI allows any int64
-                with torch.inference_mode():
-                    self.model.generate(**kwargs)
-            finally:
-                # However generation ends, the reader must hear of it, or it waits until the deadline.
-                loop.call_soon_threadsafe(queue.put_nowait, None)
 
-        async with self._lock:
-            job = loop.run_in_executor(None, generate)
-            try:
-                async for item in _texts(self.tokenizer, queue, body.stop, stop_now, cancel, max_new, len(prompt)):
-                    yield item
-            finally:
-                stop_now.set()
-                await job  # re-raises a failure in generate(), which the runtime reports
+def model_dtype(device: str, compute_type: str) -> torch.dtype | str:
+    """The dtype to load weights in: ``compute_type`` if it names one, else float32 on a CPU and
+    the checkpoint's own elsewhere."""
+    if compute_type in _DTYPES:
+        return _DTYPES[compute_type]
+    return torch.float32 if device == "cpu" else "auto"
 
 
 async def _texts(tokenizer, queue: asyncio.Queue, stops: list[str], stop_now: threading.Event,

@@ -17,13 +17,12 @@ import dataclasses
 import io
 from typing import AsyncIterator
 
-import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from bus.protocol import ChatBody, ChatMessage
 from consumers.backends.base import ChatResult
-from consumers.backends.transformers_chat import TransformersChat
+from consumers.backends.transformers_chat import TransformersChat, model_dtype
 
 
 class TransformersVision(TransformersChat):
@@ -31,17 +30,19 @@ class TransformersVision(TransformersChat):
 
     kinds = frozenset({"chat"})
 
-    def __init__(self, path: str):  # the text backend's loading does not apply: its model class differs
+    def __init__(self, path: str, *, device: str = "cpu", compute_type: str = "default", batch: int = 1):
+        # The text backend's loading does not apply: the model class differs.
         self.processor = AutoProcessor.from_pretrained(path)
         if not self.processor.chat_template:
             raise ValueError(f"{path} has no chat template in its processor")
         self.tokenizer = self.processor.tokenizer
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+        dtype = model_dtype(device, compute_type)
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
         self.model.eval()
         config = self.model.config.get_text_config()
         self.context_length = int(getattr(config, "max_position_embeddings", 2048))
         self._image_token = getattr(self.processor, "image_token_id", None)
-        self._lock = asyncio.Lock()
+        self._start_batching(batch)
 
     async def chat(self, body: ChatBody, cancel: asyncio.Event) -> AsyncIterator[str | ChatResult]:
         """Generate the assistant's reply to ``body.messages`` and their images."""
