@@ -125,6 +125,34 @@ async def test_verbose_json_has_segments_duration_language_and_words(whisper, cl
     assert plain.segments and plain.words is None, "words only when asked for"
 
 
+LONG = ("The meeting will start at nine in the morning. Please bring the quarterly report and your notes. We will "
+        "discuss the budget, the new office and the hiring plan for next year. After lunch the design team will show "
+        "the first drawings of the bridge over the river, and the engineers will explain how the steel arrives by "
+        "train from the north. On Friday the whole group takes the bus to the coast, where dinner is served on the "
+        "terrace when the weather is kind. Remember that the library closes early on holidays, so return your books "
+        "before Thursday afternoon. The train to the capital leaves from platform four at a quarter past eight.")
+
+
+async def test_audio_longer_than_a_window_is_heard_whole_with_times_in_order(whisper, client, tmp_path):
+    """Over 30 s, the audio is cut at pauses and its chunks decoded in one batch: the words said, in order,
+    with segment and word times on the uploaded audio's clock."""
+    path = tmp_path / "long.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), LONG], check=True)
+    wav = path.read_bytes()
+    assert _seconds(wav) > 30
+    reply = await client.audio.transcriptions.create(file=("long.wav", wav), model=whisper,
+                                                     response_format="verbose_json",
+                                                     timestamp_granularities=["word", "segment"])
+    assert math.isclose(reply.duration, _seconds(wav), abs_tol=0.01)
+    assert _wer(reply.text, LONG) <= 0.15, reply.text
+    assert "".join(s.text for s in reply.segments).strip() == reply.text
+    ends = [(s.start, s.end) for s in reply.segments]
+    assert all(a_end <= b_start + 0.05 for (_, a_end), (b_start, _) in zip(ends, ends[1:])), ends
+    assert ends[0][0] >= 0 and ends[-1][1] > 25 and ends[-1][1] <= reply.duration + 0.5, ends
+    starts = [w.start for w in reply.words]
+    assert starts == sorted(starts) and _wer(" ".join(w.word for w in reply.words), LONG) <= 0.15
+
+
 @pytest.mark.parametrize("name, container, codec, rate", [
     ("fox.mp3", "mp3", "libmp3lame", None),
     ("fox.flac", "flac", "flac", None),
