@@ -8,7 +8,7 @@ generator or gateway that falls behind is charged for it: no coordinated omissio
 token). Prints the added latency per phase and the CPU each process used in it, read from /proc.
 
     .venv/bin/python bench/hot_path.py [--seconds 10] [--rates 100 200 500 1000] [--stream-rates 100 500]
-                                       [--concurrency 32] [--quick] [--profile 500]
+                                       [--concurrency 32] [--edges 1] [--quick] [--profile 500]
 
 ``--profile RATE`` adds a last phase at RATE req/s with py-spy sampling every process of the stack and
 prints where each spends its CPU. Everything started is stopped on every exit, Ctrl-C included.
@@ -243,10 +243,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10, help="length of each phase")
     parser.add_argument("--rates", type=float, nargs="+", default=[100, 200, 500, 1000], help="open-loop req/s")
-    parser.add_argument("--stream-rates", type=float, nargs="+", default=[100, 500], help="streams a second")
+    parser.add_argument("--stream-rates", type=float, nargs="*", default=[100, 500], help="streams a second")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight in the closed loop")
     parser.add_argument("--quick", action="store_true", help="3-second phases, for a smoke run")
     parser.add_argument("--profile", type=float, metavar="RATE", help="then profile every process at RATE req/s")
+    parser.add_argument("--edges", type=int, default=1, help="edge processes sharing the port (processes.edges)")
     args = parser.parse_args()
     seconds = 3 if args.quick else args.seconds
     # A plain `kill` stops the run as Ctrl-C does, so the stack is stopped on the way out.
@@ -258,14 +259,15 @@ def main() -> None:
     plan += [(f"streams, {r:,.0f}/s: time to first token", "stream", r) for r in args.stream_rates]
     models = f'[models.{MODEL}]\nbackend = "fixed"\nconcurrency = 64\n'
     worker = [sys.executable, str(ROOT / "bench" / "fixed_backend.py")]
-    with gateway(models, [MODEL], billing=True, worker_cmd=worker, timeout=60, logs=True) as gw:
+    with gateway(models, [MODEL], billing=True, worker_cmd=worker, timeout=60, logs=True, edges=args.edges) as gw:
         url = f"{gw.url}/v1/chat/completions"
         print(f"the processes' logs: {gw.tmp}/*.log")
         direct = asyncio.run(direct_baseline())
         print(f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, {seconds:g} s a phase; "
               f"load average {os.getloadavg()[0]:.2f} at the start\n")
         phases = asyncio.run(run_phases(url, gw.key, plan, seconds, gw.pids))
-        print_tables(phases, direct, ["edge", MODEL, "nats-server", "billing", "load generator"])
+        edges = [role for role in gw.pids if role.startswith("edge")]
+        print_tables(phases, direct, [*edges, MODEL, "nats-server", "billing", "load generator"])
         if args.profile:
             asyncio.run(profiled_phase(url, gw.key, args.profile, seconds, gw.pids, gw.tmp))
 

@@ -73,17 +73,19 @@ class Gateway:
 @contextlib.contextmanager
 def gateway(models_toml: str, models: list[str], *, tmp: Path | None = None, worker_env: dict | None = None,
             timeout: float = 120, billing: bool = False, worker_cmd: list[str] | None = None,
-            logs: bool = False) -> Iterator[Gateway]:
+            logs: bool = False, edges: int = 1) -> Iterator[Gateway]:
     """A nats-server, an edge and one worker per name in ``models``, configured by ``models_toml`` (the
     config's model tables) on a fresh state directory; stopped on exit.
 
     ``billing`` adds the billing process (metering into chDB under the state directory); ``worker_cmd``
     replaces ``tollgate worker --model`` as the command each model's name is appended to; with ``logs``
-    each process writes to ``<tmp>/<role>.log`` instead of this terminal."""
+    each process writes to ``<tmp>/<role>.log`` instead of this terminal; ``edges`` edge processes share
+    the port (``processes.edges``), named edge, edge-2, …"""
     tmp = tmp or Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
     port = free_port()
     config = tmp / "tollgate.toml"
-    config.write_text(f'state_dir = "{tmp / "state"}"\n[edge]\nport = {port}\n' + models_toml)
+    config.write_text(f'state_dir = "{tmp / "state"}"\n[edge]\nport = {port}\n[processes]\nedges = {edges}\n'
+                      + models_toml)
     server = NatsServer(tmp / "nats").start()
     procs: list[subprocess.Popen] = []
     try:
@@ -92,7 +94,8 @@ def gateway(models_toml: str, models: list[str], *, tmp: Path | None = None, wor
         cli = [sys.executable, "-m", "infra.cli", "--log-level", "WARNING"]
         pids = {"nats-server": server.pid}
         worker = worker_cmd or [*cli, "worker", "--model"]
-        starts = {"edge": ([*cli, "edge"], env), **({"billing": ([*cli, "billing"], env)} if billing else {}),
+        starts = {**{"edge" + (f"-{n}" if n > 1 else ""): ([*cli, "edge"], env) for n in range(1, edges + 1)},
+                  **({"billing": ([*cli, "billing"], env)} if billing else {}),
                   **{name: ([*worker, name], {**env, **(worker_env or {})}) for name in models}}
         for role, (argv, role_env) in starts.items():
             with open(tmp / f"{role}.log", "w") if logs else contextlib.nullcontext() as out:
