@@ -56,6 +56,8 @@ class Phase:
     """One load phase's outcome: latencies (ms, to the last byte or the first token), rate achieved, failures."""
 
     name: str
+    mode: str  # open, closed or stream
+    rate: float  # offered req/s (open, stream) or requests in flight (closed)
     latencies: list[float]
     achieved: float
     errors: int
@@ -159,7 +161,8 @@ async def run_phases(url: str, key: str, plan: list[tuple[str, str, float]], sec
                 latencies, achieved, errors = await load.open_loop(rate, seconds, mode == "stream")
             await asyncio.sleep(SETTLE_S)
             cpu = {role: cpu_seconds(pid) - before[role] for role, pid in pids.items()}
-            phases.append(Phase(name, latencies, achieved, errors, loadavg, cpu, time.perf_counter() - start))
+            phases.append(Phase(name, mode, rate, latencies, achieved, errors, loadavg, cpu,
+                                time.perf_counter() - start))
     return phases
 
 
@@ -182,6 +185,30 @@ def print_tables(phases: list[Phase], direct: list[float], roles: list[str]) -> 
         cells = [f"{100 * p.cpu[r] / p.wall:.0f} % · {1e6 * p.cpu[r] / n:.0f} µs" for r in roles]
         total = sum(p.cpu[r] for r in roles)
         print(f"| {p.name} | " + " | ".join(cells) + f" | {100 * total / p.wall:.0f} % · {1e6 * total / n:.0f} µs |")
+
+
+# Issue 16's targets: (mode, rate or None for any, what is asked, the test on a phase and its added p50/p99).
+TARGETS = [
+    ("open", 500, "added p50 ≤ 2 ms and p99 ≤ 10 ms", lambda p, a50, a99: a50 <= 2 and a99 <= 10),
+    ("open", 1000, "sustained (every request answered, ≥ 990 req/s), p99 < 50 ms",
+     lambda p, a50, a99: not p.errors and p.achieved >= 990 and a99 < 50),
+    ("closed", None, "≥ 1,500 req/s", lambda p, a50, a99: p.achieved >= 1500),
+    ("stream", 100, "first token added ≤ 2 ms p50 and ≤ 8 ms p99", lambda p, a50, a99: a50 <= 2 and a99 <= 8),
+    ("stream", 500, "first token added ≤ 20 ms p99", lambda p, a50, a99: a99 <= 20),
+    ("open", 500, "billing under 20 % of a core (its CPU per request × 500)",
+     lambda p, a50, a99: p.cpu["billing"] / max(1, len(p.latencies)) * 500 < 0.2),
+]
+
+
+def print_targets(phases: list[Phase], direct: list[float]) -> None:
+    """Each of issue 16's targets whose phase ran: met or missed."""
+    d50, d99 = pct(direct, 50), pct(direct, 99)
+    print("\n| target | phase | met |\n|---|---|---|")
+    for mode, rate, wanted, met in TARGETS:
+        for p in phases:
+            if p.mode == mode and rate in (None, p.rate) and p.latencies:
+                ok = met(p, pct(p.latencies, 50) - d50, pct(p.latencies, 99) - d99)
+                print(f"| {wanted} | {p.name} | {'yes' if ok else '**no**'} |")
 
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*?)(?::\d+)?\)$")
@@ -268,6 +295,7 @@ def main() -> None:
         phases = asyncio.run(run_phases(url, gw.key, plan, seconds, gw.pids))
         edges = [role for role in gw.pids if role.startswith("edge")]
         print_tables(phases, direct, [*edges, MODEL, "nats-server", "billing", "load generator"])
+        print_targets(phases, direct)
         if args.profile:
             asyncio.run(profiled_phase(url, gw.key, args.profile, seconds, gw.pids, gw.tmp))
 
