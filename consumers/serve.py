@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,12 @@ from consumers.models import resolve
 from consumers.runtime import Worker
 
 log = logging.getLogger(__name__)
+
+# Torch's OpenMP threads spin while they wait for work by default. On a host whose cores the
+# edge, the bus and other workers share, a spinning thread holds a core its peer needs: a
+# decoding step of eight sequences took 1.3 s instead of 0.2 s (BENCHMARKS.md). Set before any
+# backend imports torch, which reads it once.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def worker_identity_path(settings: Settings) -> Path:

@@ -69,11 +69,11 @@ async def test_eight_streams_decoding_together_each_get_what_they_get_alone(stac
     assert sorted((r["input_units"], r["output_units"]) for r in rows) == sorted(b["usage"] for b in together)
 
 
-async def _counting(client, max_tokens: int, into: dict, **extra) -> dict:
+async def _counting(client, max_tokens: int, into: dict) -> dict:
     """Stream a greedy completion of ``COUNTING`` from the two-sequence worker into ``into``: its id,
     when its first and last pieces came, its finish. (The call returns once the first piece is out.)"""
     stream = await client.completions.create(model=BATCH2, prompt=COUNTING, max_tokens=max_tokens, temperature=0,
-                                             stream=True, **extra)
+                                             stream=True)
     async for chunk in stream:
         into["id"] = chunk.id.removeprefix("cmpl-")
         if chunk.choices and chunk.choices[0].text:
@@ -138,6 +138,6 @@ async def test_a_priority_request_joins_the_batch_before_queued_normal_ones(stac
     running += [asyncio.create_task(_counting(client, 3, into)) for into in normal]
     await eventually(lambda: _queued_are(stack, 3), 30)  # the normal ones wait in their lane
     urgent: dict = {}
-    running.append(asyncio.create_task(_counting(vip, 3, urgent, service_tier="priority")))
+    running.append(asyncio.create_task(_counting(vip, 3, urgent)))  # an enterprise tenant's: the high lane
     await asyncio.wait_for(asyncio.gather(*running), 120)
     assert urgent["first"] < min(into["first"] for into in normal)

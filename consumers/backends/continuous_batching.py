@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from consumers import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -140,6 +142,7 @@ class ContinuousBatch:
     def _step(self) -> None:
         """Decode one token for every active sequence in one forward pass."""
         batch = self._active
+        metrics.batched("chat", len(batch))  # one forward pass: chat and completions sequences alike
         ids = torch.tensor([[s.last] for s in batch], device=self.device)
         positions = torch.tensor([[s.cached] for s in batch], device=self.device)
         self._mask = torch.cat([self._mask, torch.ones(len(batch), 1, dtype=torch.long, device=self.device)], dim=1)
