@@ -117,3 +117,27 @@ def test_the_production_layout():
     # Prometheus and Grafana.
     assert {"prometheus", "grafana"} <= set(compose)
     assert {("Deployment", "prometheus"), ("Deployment", "grafana")} <= set(manifests)
+
+
+def test_prometheus_scrapes_every_tollgate_process_on_its_metrics_port():
+    settings = tomllib.loads(SETTINGS_FILE.read_text())
+    port = settings["edge"]["metrics_port"]
+    assert port and settings["worker"]["metrics_port"] == port == settings["meter"]["metrics_port"]
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    [job] = [j for j in yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+             if j["job_name"] == "tollgate"]
+    [dns] = job["dns_sd_configs"]
+    tollgate = {name for name, svc in compose.items() if svc.get("command", [None])[0] in ("edge", "worker", "billing")}
+    assert set(dns["names"]) == tollgate and dns["port"] == port
+    # Kubernetes: pods found through the API, kept by their app label, scraped on the same port.
+    [job] = [j for j in yaml.safe_load((DEPLOY / "k8s" / "prometheus.yml").read_text())["scrape_configs"]
+             if j["job_name"] == "tollgate"]
+    keep = next(r for r in job["relabel_configs"] if r.get("action") == "keep")
+    address = next(r for r in job["relabel_configs"] if r.get("target_label") == "__address__")
+    assert address["replacement"] == f"$1:{port}"
+    apps = {d["spec"]["template"]["metadata"]["labels"]["app"] for _, d in _documents()
+            if d.get("kind") == "Deployment" and d["spec"]["template"]["spec"]["containers"][0].get("args", [None])[0]
+            in ("edge", "worker", "billing")}
+    assert apps == {"edge", "worker", "billing"} and all(re.fullmatch(keep["regex"], app) for app in apps)
+    manifests = {(d["kind"], d["metadata"]["name"]) for _, d in _documents() if "kind" in d and "metadata" in d}
+    assert {("ServiceAccount", "prometheus"), ("Role", "prometheus-discovery")} <= manifests
