@@ -1,8 +1,8 @@
 """Continuous batching for a transformers causal LM: sequences join and leave between decoding steps.
 
 One thread owns the model. Between two decoding steps it takes the sequences that arrived:
-each is prefilled alone (its prompt, and a vision model's pixels, in one forward pass), its
-first token sampled, and its KV cache joined to the batch's. Then one forward pass decodes the
+their prompts are prefilled together (left-padded into one forward pass; a prompt with a vision
+model's pixels alone), their first tokens sampled, and their KV caches joined to the batch's. Then one forward pass decodes the
 next token of every sequence at once. A sequence leaves when it samples an end token, reaches
 its ``max_new`` tokens or is told to stop; its rows leave the cache with it.
 
@@ -65,7 +65,9 @@ class ContinuousBatch:
         self._active: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [batch, cache columns]: 1 where a real key is
-        self._batchable: bool | None = None  # known after the first prefill: plain key/value layers only
+        # Caches of plain key/value layers join and split by rows; others (sliding-window,
+        # linear-attention layers) decode one sequence at a time.
+        self._batchable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
         self._thread = threading.Thread(target=self._run, name="continuous-batch", daemon=True)
         self._thread.start()
 
@@ -88,8 +90,10 @@ class ContinuousBatch:
                 with torch.inference_mode():
                     for s in [s for s in self._active if s.stop.is_set()]:  # their slots are free again
                         self._leave(s)
-                    while waiting and len(self._active) < self._room():
-                        self._join(waiting.pop(0))
+                    room = self._room() - len(self._active)
+                    if waiting and room > 0:
+                        joiners, waiting = waiting[:room], waiting[room:]
+                        self._admit(joiners)
                     if self._active:
                         self._step()
             except Exception as e:  # noqa: BLE001 — every sequence in hand hears of it; the thread lives on
@@ -99,37 +103,51 @@ class ContinuousBatch:
                 self._active, self._cache, self._mask = [], None, None
 
     def _room(self) -> int:
-        return self._max if self._batchable is not False else 1
+        return self._max if self._batchable else 1
 
-    def _join(self, s: Sequence) -> None:
-        """Prefill ``s`` alone, sample its first token, and add its cache rows to the batch."""
-        if s.stop.is_set():
-            self._finish(s)
-            return
-        s.generator = torch.Generator(device=self.device)
-        if s.seed is None:
-            s.generator.seed()
-        else:
-            s.generator.manual_seed(s.seed % 2**64)
-        ids = torch.tensor([s.prompt], device=self.device)
-        try:
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                             **{k: _on(v, self.device) for k, v in s.inputs.items()})
-        except Exception as e:  # noqa: BLE001 — a failure of this prompt alone: the batch goes on
-            log.exception("prefill failed")
-            self._finish(s, e)
-            return
-        cache = out.past_key_values
-        if self._batchable is None:
-            self._batchable = all(type(layer) is DynamicLayer for layer in cache.layers)
-        s.cached = len(s.prompt)
-        self._merge(s, cache)
-        self._take(s, self._choose(out.logits[:, -1, :], [s])[0])
+    def _admit(self, joiners: list[Sequence]) -> None:
+        """Prefill ``joiners`` — plain prompts together in one forward pass, prompts with more inputs
+        (a vision model's pixels) one by one — sample their first tokens and add them to the batch."""
+        ready = []
+        for s in joiners:
+            if s.stop.is_set():  # left while it waited
+                self._finish(s)
+                continue
+            ready.append(s)
+            s.generator = torch.Generator(device=self.device)
+            if s.seed is None:
+                s.generator.seed()
+            else:
+                s.generator.manual_seed(s.seed % 2**64)
+        plain = [s for s in ready if not s.inputs]
+        for group in [[s] for s in ready if s.inputs] + ([plain] if plain else []):
+            try:
+                logits, cache, mask = self._prefill(group)
+            except Exception as e:  # noqa: BLE001 — a failure of these prompts alone: the batch goes on
+                log.exception("prefill failed")
+                for s in group:
+                    self._finish(s, e)
+                continue
+            self._merge(group, cache, mask)
+            for s, token in zip(group, self._choose(logits, group)):
+                self._take(s, token)
 
-    def _merge(self, s: Sequence, cache: DynamicCache) -> None:
-        """Join ``cache`` (one sequence) to the batch's, left-padding whichever is shorter."""
-        self._active.append(s)
-        mask = torch.ones(1, len(s.prompt), dtype=torch.long, device=self.device)
+    def _prefill(self, group: list[Sequence]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """One forward pass over ``group``'s prompts, left-padded to one width: the last position's
+        logits of each, their cache, and its mask."""
+        width = max(len(s.prompt) for s in group)
+        ids = torch.tensor([[0] * (width - len(s.prompt)) + s.prompt for s in group], device=self.device)
+        mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in group], device=self.device)
+        extra = {k: _on(v, self.model) for k, v in group[0].inputs.items()}  # a group with inputs is one sequence
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, **extra)
+        for s in group:
+            s.cached = len(s.prompt)
+        return out.logits[:, -1, :], out.past_key_values, mask
+
+    def _merge(self, group: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Join ``group``'s ``cache`` to the batch's, left-padding whichever is shorter."""
+        self._active.extend(group)
         if self._cache is None:
             self._cache, self._mask = cache, mask
             return
@@ -199,8 +217,11 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     return int(order[torch.multinomial(ranked, 1, generator=generator)])
 
 
-def _on(value, device):
-    return value.to(device) if isinstance(value, torch.Tensor) else value
+def _on(value, model):
+    """A prefill input on ``model``'s device; pixel values in its dtype too (a half-precision model on a GPU)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(model.device, dtype=model.dtype) if value.is_floating_point() else value.to(model.device)
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
