@@ -7,6 +7,10 @@ draw ``--size`` images in ``--steps`` denoising steps; the difference is what th
 (bus, admission, PNG encoding, base64 or the object store, metering).
 
     .venv/bin/python bench/images_throughput.py [--seconds 10] [--clients 1 4] [--n 1 4] [--steps 2] [--threads 1]
+        [--concurrency 1 8]
+
+``--concurrency`` runs the gateway once per value, its worker taking that many requests at once:
+1 draws one request at a time, more lets concurrent requests share pipeline calls (batching).
 
 ``--threads`` sets torch's threads in both places (the worker through OMP_NUM_THREADS): on a shared,
 busy machine torch's own choice (every core) spins against other processes and runs the tiny
@@ -100,6 +104,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own, every core)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1],
+                        help="the worker's concurrency, one gateway each (1: no batching)")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
@@ -110,21 +116,22 @@ def main() -> None:
     # Measured before the stack starts, so nothing else shares the cores.
     rates = {n: direct(pipeline, args.size, args.steps, n, args.seconds, args.threads) for n in args.n}
 
-    models = (f'[models."{MODEL}"]\nkind = "images"\nbackend = "diffusers"\nsource = "{pipeline}"\n'
-                      f'image_steps = {{ auto = {args.steps} }}\n'
-              f'[models."{MODEL}".prices.image]\n"{args.size}x{args.size}" = 1000\n')
     threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
-    with gateway(models, [MODEL], tmp=tmp, worker_env=threads) as gw:
-        port, key = gw.port, gw.key
-        print("| images/request | clients | direct images/s | gateway b64_json images/s | gateway url images/s "
-              "(+ download) | b64_json / direct |")
-        print("|---|---|---|---|---|---|")
-        for n in args.n:
-            for clients in args.clients:
-                b64 = asyncio.run(through_gateway(port, key, clients, n, "b64_json", args.seconds))
-                url = asyncio.run(through_gateway(port, key, clients, n, "url", args.seconds))
-                print(f"| {n} | {clients} | {rates[n]:.1f} | {b64:.1f} | {url:.1f} | {b64 / rates[n]:.0%} |",
-                      flush=True)
+    print("| worker concurrency | images/request | clients | direct images/s | gateway b64_json images/s | "
+          "gateway url images/s (+ download) | b64_json / direct |")
+    print("|---|---|---|---|---|---|---|")
+    for concurrency in args.concurrency:
+        models = (f'[models."{MODEL}"]\nkind = "images"\nbackend = "diffusers"\nsource = "{pipeline}"\n'
+                  f'image_steps = {{ auto = {args.steps} }}\nconcurrency = {concurrency}\n'
+                  f'[models."{MODEL}".prices.image]\n"{args.size}x{args.size}" = 1000\n')
+        (run := tmp / f"concurrency-{concurrency}").mkdir()
+        with gateway(models, [MODEL], tmp=run, worker_env=threads) as gw:
+            for n in args.n:
+                for clients in args.clients:
+                    b64 = asyncio.run(through_gateway(gw.port, gw.key, clients, n, "b64_json", args.seconds))
+                    url = asyncio.run(through_gateway(gw.port, gw.key, clients, n, "url", args.seconds))
+                    print(f"| {concurrency} | {n} | {clients} | {rates[n]:.1f} | {b64:.1f} | {url:.1f} "
+                          f"| {b64 / rates[n]:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

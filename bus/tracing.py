@@ -128,7 +128,8 @@ def install(settings: TracingSettings, role: str, **resource: str) -> None:
 
 
 def uninstall() -> None:
-    """Stop tracing and export the spans still queued (blocks up to the export timeout: call it in a thread)."""
+    """Stop tracing and export the spans still queued: blocks until they are sent, at most about 30 s
+    (the SDK's bound, reached only with the collector away), so call it in a thread."""
     global _otel
     otel, _otel = _otel, None
     if otel is not None:
