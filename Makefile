@@ -14,7 +14,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
+# The demo stack serves Prometheus /metrics (edge 9464, billing 9469, workers from 9470) unless the
+# environment says otherwise (0: off). `tollgate up` alone takes them from the settings (off by default).
 up: $(STAMP)
+	TOLLGATE_EDGE_METRICS_PORT=$${TOLLGATE_EDGE_METRICS_PORT-9464} \
+	TOLLGATE_METER_METRICS_PORT=$${TOLLGATE_METER_METRICS_PORT-9469} \
+	TOLLGATE_WORKER_METRICS_PORT=$${TOLLGATE_WORKER_METRICS_PORT-9470} \
 	$(VENV)/bin/tollgate up
 
 test: $(STAMP)

@@ -31,7 +31,7 @@ from bus.account.credits import settle  # noqa: E402
 from bus.ids import new_request_id  # noqa: E402
 from bus.provision import provision  # noqa: E402
 from bus.settings import Settings  # noqa: E402
-from bus.subjects import BUDGETS_BUCKET, INFLIGHT_BUCKET, KEYS_BUCKET, TENANTS_BUCKET, credit_counter  # noqa: E402
+from bus.subjects import INFLIGHT_BUCKET, KEYS_BUCKET, TENANTS_BUCKET, credit_counter  # noqa: E402
 from bus.account.tenants import Limits, Tenant  # noqa: E402
 from bus.account.tenant_store import TenancyStore, decode_key, decode_tenant  # noqa: E402
 from bus.watched import WatchedBucket  # noqa: E402
@@ -68,7 +68,7 @@ async def run(n: int) -> None:
             await store.create_tenant(Tenant(id=f"t{i}", tier="enterprise", limits=limits, prepaid=name == PREPAID))
             _, secrets[name] = await store.create_key(f"t{i}", limits=limits)
             if name == PREPAID:
-                await BudgetStore(await js.key_value(BUDGETS_BUCKET)).put(
+                await (await BudgetStore.open(js)).put(
                     Budget(tenant=f"t{i}", name="cap", amount_micros=10**15, mode="hard"))
                 await add(js, credit_counter(f"t{i}"), 10**15)
         spending = QuotaGate(js)

@@ -150,21 +150,31 @@ def _attributes(envelope: Envelope | None, attributes: Mapping[str, Any] | None)
 
 
 @contextlib.contextmanager
-def _current_span(otel: _Otel, name: str, parent: str, kind: str, attributes: dict[str, Any] | None):
-    span = otel.start(name, otel.context(parent) or otel.root, kind, None, attributes)
-    token = CURRENT.set(traceparent(span))  # its children, the envelope and log lines take it up
+def _ended(otel: _Otel, span):
+    """End ``span`` when the block leaves: a cancellation or a reader closing early is an event on it
+    (its caller left: a client gone, a process stopping), any other exception a failure."""
     try:
         yield span
-    except asyncio.CancelledError:
-        span.add_event("cancelled")  # its caller left (a client gone, a process stopping): no failure of its own
+    except (GeneratorExit, asyncio.CancelledError):
+        span.add_event("cancelled")
         raise
     except BaseException as exc:
         span.record_exception(exc)
         otel.failed(span, type(exc).__name__)
         raise
     finally:
-        CURRENT.reset(token)
         span.end()
+
+
+@contextlib.contextmanager
+def _current_span(otel: _Otel, name: str, parent: str, kind: str, attributes: dict[str, Any] | None):
+    span = otel.start(name, otel.context(parent) or otel.root, kind, None, attributes)
+    token = CURRENT.set(traceparent(span))  # its children, the envelope and log lines take it up
+    try:
+        with _ended(otel, span):
+            yield span
+    finally:
+        CURRENT.reset(token)
 
 
 def span(name: str, *, parent: str | None = None, kind: str = "internal", envelope: Envelope | None = None,
@@ -253,19 +263,10 @@ async def _relay(otel: _Otel, frames: AsyncIterator[_T], envelope: Envelope) -> 
     span = otel.start("tollgate.relay", otel.context(CURRENT.get()) or otel.root, "internal", None,
                       _attributes(envelope, None))
     first = True
-    try:
+    with _ended(otel, span):
         async with contextlib.aclosing(frames):
             async for frame in frames:
                 if first:
                     span.add_event("first frame")
                     first = False
                 yield frame
-    except (GeneratorExit, asyncio.CancelledError):  # its reader stopped early, or left; not a failure
-        span.add_event("cancelled")
-        raise
-    except BaseException as exc:
-        span.record_exception(exc)
-        otel.failed(span, type(exc).__name__)
-        raise
-    finally:
-        span.end()

@@ -122,10 +122,15 @@ def _banner(settings: Settings, base: str, server: NatsServer | NatsCluster, por
         nats_hint = (f"NATS is a cluster: export TOLLGATE_NATS_URL={server.url} "
                      f"TOLLGATE_NATS_REPLICAS={settings.nats.replicas}\n")
     given_up = "".join(f"Given up on {c.name} (crash loop; see the log above)\n" for c in children if c.given_up)
+    host = settings.processes.metrics_host
+    scraped = [f"{role} http://{host}:{port}/metrics" for role, port in (
+        ("edge", settings.edge.metrics_port), ("billing", settings.meter.metrics_port),
+        ("workers from", settings.worker.metrics_port)) if port]
+    metrics = f"Prometheus: {', '.join(scraped)}\n" if scraped else ""
     return (
         f"\nTollgate is up on {base}  (NATS {server.url}, ClickHouse {settings.clickhouse})\n"
         f"API key (tenant '{DEFAULT_TENANT}'): {key}\n"
-        f"Admin token: {admin}\n{nats_hint}{given_up}\n"
+        f"Admin token: {admin}  (console: {base}/console)\n{metrics}{nats_hint}{given_up}\n"
         f"curl {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
         f"-H 'Content-Type: application/json' "
         f"""-d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'\n\n"""

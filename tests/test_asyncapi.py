@@ -22,6 +22,7 @@ from bus import subjects
 from edge.asyncapi import pattern, rendered
 from infra.nats.roles import permissions
 from tests.conftest import CHAT_MODEL
+from tests.test_openapi import _refs
 
 ROOT = Path(__file__).resolve().parent.parent
 # The AsyncAPI 3.0.0 JSON schema, from npm @asyncapi/specs 6.11.1 (schemas/3.0.0-without-$id.json, Apache-2.0).
@@ -53,18 +54,6 @@ def _resolve(document: dict, ref: str):
     for part in ref[2:].split("/"):
         node = node[part]
     return node
-
-
-def _refs(node):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "$ref":
-                yield value
-            else:
-                yield from _refs(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _refs(value)
 
 
 def test_document_is_valid_asyncapi_3(document):

@@ -41,6 +41,7 @@ async def document(stack) -> dict:
 
 
 def _refs(node):
+    """Every $ref in ``node``, depth first."""
     if isinstance(node, dict):
         for key, value in node.items():
             if key == "$ref":

@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from bus.account.credits import MAX_MICROS
+from bus.buckets import bucket_keys
 from bus.errors import InvalidRequest, NotFound
 from bus.subjects import BUDGETS_BUCKET
 from bus.account.tenants import valid_id
@@ -112,12 +113,12 @@ def check(budget: Budget, webhook_allow: Iterable[str] = ()) -> Budget:
 class BudgetStore:
     """Budgets in KV: set (create or replace), list, delete."""
 
-    def __init__(self, kv: KeyValue):
-        self._kv = kv
+    def __init__(self, js: JetStreamContext, kv: KeyValue):
+        self._js, self._kv = js, kv
 
     @classmethod
     async def open(cls, js: JetStreamContext) -> "BudgetStore":
-        return cls(await js.key_value(BUDGETS_BUCKET))
+        return cls(js, await js.key_value(BUDGETS_BUCKET))
 
     async def put(self, budget: Budget, webhook_allow: Iterable[str] = ()) -> Budget:
         budget = check(budget, webhook_allow)
@@ -126,11 +127,12 @@ class BudgetStore:
         return budget
 
     async def list(self, tenant: str | None = None) -> list[Budget]:
-        try:
-            keys = await self._kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
-        budgets = [decode_budget((await self._kv.get(k)).value) for k in keys]
+        budgets = []
+        for key in await bucket_keys(self._js, BUDGETS_BUCKET):
+            try:
+                budgets.append(decode_budget((await self._kv.get(key)).value))
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                continue  # deleted: its marker keeps the key listed
         return [b for b in budgets if tenant is None or b.tenant == tenant]
 
     async def delete(self, budget_id: str) -> None:

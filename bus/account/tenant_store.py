@@ -14,6 +14,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from bus.buckets import bucket_keys
 from bus.errors import Conflict, InvalidRequest, NotFound
 from bus.subjects import KEYS_BUCKET, LANES, TENANTS_BUCKET
 from bus.account.tenants import ApiKey, Tenant, new_key, valid_id
@@ -53,12 +54,12 @@ def _patched(record, patch: dict, allowed: set[str], kind: type):
 
 
 class TenancyStore:
-    def __init__(self, tenants: KeyValue, keys: KeyValue, tiers: set[str]):
-        self._tenants, self._keys, self._tiers = tenants, keys, tiers
+    def __init__(self, js: JetStreamContext, tenants: KeyValue, keys: KeyValue, tiers: set[str]):
+        self._js, self._tenants, self._keys, self._tiers = js, tenants, keys, tiers
 
     @classmethod
     async def open(cls, js: JetStreamContext, tiers: set[str]) -> "TenancyStore":
-        return cls(await js.key_value(TENANTS_BUCKET), await js.key_value(KEYS_BUCKET), tiers)
+        return cls(js, await js.key_value(TENANTS_BUCKET), await js.key_value(KEYS_BUCKET), tiers)
 
     def _check_tier(self, tier: str) -> None:
         if tier not in self._tiers:
@@ -80,7 +81,7 @@ class TenancyStore:
         return (await self._read(self._tenants, tenant_id, "tenant", decode_tenant))[0]
 
     async def list_tenants(self) -> list[Tenant]:
-        return [await self.get_tenant(k) for k in await _keys(self._tenants)]
+        return await self._all(self._tenants, TENANTS_BUCKET, "tenant", decode_tenant)
 
     async def update_tenant(self, tenant_id: str, patch: dict) -> Tenant:
         current, revision = await self._read(self._tenants, tenant_id, "tenant", decode_tenant)
@@ -108,8 +109,18 @@ class TenancyStore:
         return (await self._read(self._keys, key_id, "API key", decode_key))[0]
 
     async def list_keys(self, tenant_id: str | None = None) -> list[ApiKey]:
-        keys = [await self.get_key(k) for k in await _keys(self._keys)]
+        keys = await self._all(self._keys, KEYS_BUCKET, "API key", decode_key)
         return [k for k in keys if tenant_id is None or k.tenant == tenant_id]
+
+    async def _all(self, kv: KeyValue, bucket: str, what: str, decode) -> list:
+        """Every record in ``bucket`` (one deleted since it was listed left out)."""
+        records = []
+        for key in await bucket_keys(self._js, bucket):
+            try:
+                records.append((await self._read(kv, key, what, decode))[0])
+            except NotFound:
+                continue
+        return records
 
     async def update_key(self, key_id: str, patch: dict) -> ApiKey:
         current, revision = await self._read(self._keys, key_id, "API key", decode_key)
@@ -142,9 +153,3 @@ class TenancyStore:
         except nats.js.errors.KeyWrongLastSequenceError:
             raise Conflict(f"{key!r} was changed at the same time; read it again and retry") from None
 
-
-async def _keys(kv: KeyValue) -> list[str]:
-    try:
-        return sorted(await kv.keys())
-    except nats.js.errors.NoKeysError:
-        return []
