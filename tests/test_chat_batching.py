@@ -87,19 +87,15 @@ async def _counting(client, max_tokens: int, into: dict) -> dict:
     return into
 
 
-async def _queued(stack) -> int:
+async def _queued(nc) -> int:
     """Requests for the two-sequence worker waiting in its lanes, not yet taken."""
-    nc = await stack.connect("admin")
-    try:
-        js = nc.jetstream()
-        return sum([(await js.consumer_info(REQUESTS_STREAM, work_consumer(BATCH2, lane))).num_pending
-                    for lane in LANES])
-    finally:
-        await nc.close()
+    js = nc.jetstream()
+    return sum([(await js.consumer_info(REQUESTS_STREAM, work_consumer(BATCH2, lane))).num_pending
+                for lane in LANES])
 
 
-async def _queued_are(stack, n: int) -> bool:
-    return await _queued(stack) == n
+async def _queued_are(nc, n: int) -> bool:
+    return await _queued(nc) == n
 
 
 async def _started(*streams: dict) -> bool:
@@ -125,7 +121,7 @@ async def test_a_stream_cancelled_mid_batch_frees_its_slot_while_the_others_go_o
     assert rows[stays["id"]]["output_units"] == 60 and rows[waiting["id"]]["output_units"] == 5
 
 
-async def test_a_priority_request_joins_the_batch_before_queued_normal_ones(stack, batch_workers, meter):
+async def test_a_priority_request_joins_the_batch_before_queued_normal_ones(stack, nc, batch_workers, meter):
     status, _ = await admin(stack, "POST", "/admin/tenants", json={"id": "batch-vip", "tier": "enterprise"})
     assert status == 201
     _, body = await admin(stack, "POST", "/admin/tenants/batch-vip/keys", json={})
@@ -136,7 +132,7 @@ async def test_a_priority_request_joins_the_batch_before_queued_normal_ones(stac
     await eventually(lambda: _started(*busy), 60)
     normal = [{} for _ in range(3)]
     running += [asyncio.create_task(_counting(client, 3, into)) for into in normal]
-    await eventually(lambda: _queued_are(stack, 3), 30)  # the normal ones wait in their lane
+    await eventually(lambda: _queued_are(nc, 3), 30)  # the normal ones wait in their lane
     urgent: dict = {}
     running.append(asyncio.create_task(_counting(vip, 3, urgent)))  # an enterprise tenant's: the high lane
     await asyncio.wait_for(asyncio.gather(*running), 120)
