@@ -116,6 +116,10 @@ input_token = {EMBED_INPUT_PRICE}
     return path
 
 
+# The OpenAI clients made by the test running now (Stack.client), closed when it ends.
+_CLIENTS: list[AsyncOpenAI] = []
+
+
 class Stack:
     """Handles on the running stack that tests use."""
 
@@ -130,7 +134,6 @@ class Stack:
         self.procs: list[subprocess.Popen] = []
         self.api_key = ""  # the default tenant's key, made when the stack starts
         self._served: set[str] = set()
-        self.clients: list[AsyncOpenAI] = []  # closed when the test that made them ends
 
     def serve(self, model: str, timeout: float = 300, env: dict | None = None) -> None:
         """Fetch ``model``'s weights and start one worker for it, once a session; wait until it serves.
@@ -180,7 +183,7 @@ class Stack:
         """An OpenAI SDK client of the edge, closed when the test ends."""
         client = AsyncOpenAI(base_url=(base_url or self.base_url) + "/v1", api_key=api_key or self.api_key,
                              max_retries=0, **kw)
-        self.clients.append(client)
+        _CLIENTS.append(client)
         return client
 
     def role(self, role: str) -> NatsSettings:
@@ -294,16 +297,14 @@ def client(stack, meter) -> AsyncOpenAI:
 
 
 @pytest.fixture(autouse=True)
-async def openai_clients_closed(request):
+async def openai_clients_closed():
     """Close the OpenAI clients a test made when it ends. Left to the garbage collector, the
     connections of test_chat_batching's clients left later tests' responses unread in the
     session's event loop (test_credits' 300-request race waited on two answers already in
     its sockets)."""
     yield
-    if "stack" in request.fixturenames:
-        stack = request.getfixturevalue("stack")
-        while stack.clients:
-            await stack.clients.pop().close()
+    while _CLIENTS:
+        await _CLIENTS.pop().close()
 
 
 async def usage_rows(ch: ClickHouse, request_ids: list[str], expect: int, timeout: float = 15.0) -> list[dict]:
