@@ -307,6 +307,19 @@ async def openai_clients_closed():
         await _CLIENTS.pop().close()
 
 
+async def leave_a_stream(client: AsyncOpenAI) -> str:
+    """Start a long chat stream and leave it at its first content, as a client that goes away; its request id."""
+    stream = await client.chat.completions.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "Write a very long story about a dragon."}],
+        temperature=0, max_tokens=400, stream=True,
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    await stream.close()
+    return request_id(chunk.id)
+
+
 async def usage_rows(ch: ClickHouse, request_ids: list[str], expect: int, timeout: float = 15.0) -> list[dict]:
     """The usage rows for ``request_ids``, waiting until at least ``expect`` have arrived."""
     deadline = time.monotonic() + timeout

@@ -9,7 +9,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import CHAT_MODEL, UNSERVED_MODEL, admin, request_id, usage_rows
+from tests.conftest import CHAT_MODEL, UNSERVED_MODEL, admin, leave_a_stream, request_id, usage_rows
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -144,15 +144,7 @@ async def test_models_lists_the_registry(client):
 
 
 async def test_client_disconnect_cancels_the_work(client, clickhouse):
-    stream = await client.chat.completions.create(
-        model=CHAT_MODEL, messages=[{"role": "user", "content": "Write a very long story about a dragon."}],
-        temperature=0, max_tokens=400, stream=True,
-    )
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            break
-    await stream.close()
-    [row] = await usage_rows(clickhouse, [request_id(chunk.id)], expect=1)
+    [row] = await usage_rows(clickhouse, [await leave_a_stream(client)], expect=1)
     assert row["status"] == "cancelled"
     assert row["output_units"] < 400
 

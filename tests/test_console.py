@@ -16,7 +16,7 @@ import pytest
 from playwright.async_api import Page, async_playwright, expect
 
 from bus.subjects import LANES, usage_subject
-from tests.conftest import ADMIN_TOKEN, CHAT_MODEL, admin, eventually, request_id, usage_rows
+from tests.conftest import ADMIN_TOKEN, CHAT_MODEL, admin, eventually, leave_a_stream, usage_rows
 
 CHROMIUM = "/usr/bin/chromium"
 HI = [{"role": "user", "content": "Say hi."}]
@@ -153,14 +153,7 @@ async def test_the_console_runs_a_tenant_and_shows_what_the_admin_api_says(stack
 
 async def test_failures_show_requests_that_did_not_finish_and_dead_letters(stack, nc, client, clickhouse, page):
     # A request its client left: billed as cancelled, counted with the model's failures.
-    stream = await client.chat.completions.create(
-        model=CHAT_MODEL, messages=[{"role": "user", "content": "Write a very long story about a dragon."}],
-        max_tokens=400, stream=True)
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            break
-    await stream.close()
-    [row] = await usage_rows(clickhouse, [request_id(chunk.id)], expect=1)
+    [row] = await usage_rows(clickhouse, [await leave_a_stream(client)], expect=1)
     assert row["status"] == "cancelled"
     # A message billing cannot take: unsigned, it is moved to the dead letters.
     subject = usage_subject("console-poison-" + uuid.uuid4().hex[:6])
