@@ -171,8 +171,8 @@ class Meter(Batches):
     async def _insert(self, new: list[UsageEvent], by_id: dict[str, list[Msg]], now: float) -> list[UsageEvent]:
         """Insert ``new`` stamped ``now``; after ``store_attempts`` failed tries of this batch, one by one.
 
-        One by one, an event ClickHouse refuses while others of the batch go in is dead-lettered
-        (its messages leave ``by_id``); if none goes in, ClickHouse may be refusing everything —
+        One by one, an event ClickHouse refuses while others of the batch go in is dead-lettered once
+        proven bad (below; its messages leave ``by_id``); if none goes in, ClickHouse may be refusing everything —
         an outage, not a bad event — and the batch is tried again later, dead-lettering nothing.
         An event is proven bad only when ClickHouse refuses it again after taking another insert
         since its previous refusal; one not proven yet (refused once, alone in its batch, or just

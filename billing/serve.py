@@ -92,6 +92,13 @@ async def serve_billing(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     tracing.install(settings.tracing, "billing")
+    try:
+        await _serve(settings, nc, ch, stop)
+    finally:
+        await asyncio.to_thread(tracing.uninstall)  # the last spans sent, however billing ended
+
+
+async def _serve(settings: Settings, nc, ch: ClickHouse, stop: asyncio.Event) -> None:
     billing = Billing(settings, nc, ch)
     await billing.start()
     settle_heap()  # the engine, the connection and the consumers live as long as billing: never scanned again
@@ -105,4 +112,3 @@ async def serve_billing(settings: Settings) -> None:
         await billing.stop()
         await nc.drain()
         ch.close()
-        await asyncio.to_thread(tracing.uninstall)  # the last spans sent

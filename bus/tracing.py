@@ -248,8 +248,10 @@ def finished(span, usage: UsageEvent) -> None:
 
 
 def failed(span, description: str) -> None:
-    """Mark ``span`` failed (its status an error), saying why."""
-    _otel.failed(span, description)
+    """Mark ``span`` failed (its status an error), saying why; nothing once tracing has stopped."""
+    otel = _otel
+    if otel is not None:
+        otel.failed(span, description)
 
 
 def relayed(frames: AsyncIterator[_T], envelope: Envelope) -> AsyncIterator[_T]:

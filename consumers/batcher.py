@@ -14,6 +14,7 @@ told so through ``Batch.abandoned``, which ``run`` may watch from its thread to 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Generic, Hashable, TypeVar
@@ -63,8 +64,9 @@ class Batcher(Generic[T, R]):
     async def submit(self, item: T, cancel: asyncio.Event) -> R | None:
         """``item``'s result from the call it ran in, or None if ``cancel`` was set first."""
         entry = _Entry(item, self._size(item), self._key(item), asyncio.get_running_loop().create_future())
-        if self._task is None:
-            self._task = asyncio.create_task(self._batch_forever())
+        if self._task is None or self._task.done():
+            # A context of its own: the first request's (its trace id) must not name every later call.
+            self._task = asyncio.create_task(self._batch_forever(), context=contextvars.Context())
         self._waiting.append(entry)
         self._arrived.set()
         cancelled = asyncio.ensure_future(cancel.wait())

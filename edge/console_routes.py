@@ -27,6 +27,7 @@ from edge.state import PUBLISHER, SETTINGS
 _DIR = Path(__file__).with_name("console")
 # The page's files, by the name it asks for: nothing else under the folder is ever served.
 _TYPES = {"index.html": "text/html", "console.js": "text/javascript", "console.css": "text/css"}
+_FILES = {name: (_DIR / name).read_bytes() for name in _TYPES}  # read once: they ship with the package
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 DEAD_LETTERS_SHOWN = 20  # the latest ones; the stream keeps the rest for an operator's tools
@@ -40,12 +41,6 @@ class LaneQueue(msgspec.Struct, frozen=True):
     lane: str
     queued: int  # published and not yet taken by any worker
     running: int  # taken by a worker and not yet acknowledged
-
-
-class LiveWorker(msgspec.Struct, frozen=True):
-    worker_id: str
-    model: str
-    started: float  # unix seconds
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
@@ -73,7 +68,7 @@ def _file(name: str) -> web.Response:
     if name not in _TYPES:
         raise web.HTTPNotFound()
     headers = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
-    return web.Response(body=(_DIR / name).read_bytes(), content_type=_TYPES[name], charset="utf-8", headers=headers)
+    return web.Response(body=_FILES[name], content_type=_TYPES[name], charset="utf-8", headers=headers)
 
 
 @routes.get("/console")
@@ -118,8 +113,7 @@ async def queues(request: web.Request) -> web.Response:
 async def workers(request: web.Request) -> web.Response:
     """GET /admin/workers: the workers announced live now (the edge's own watched copy: no round trip)."""
     live = sorted(request.config_dict[PUBLISHER].live.values(), key=lambda w: (w.model, w.started))
-    data = [LiveWorker(w.worker_id, w.model, w.started) for w in live[:WORKERS_SHOWN]]
-    return json_response({"object": "list", "data": data})
+    return json_response({"object": "list", "data": live[:WORKERS_SHOWN]})
 
 
 async def _dead_letter(js: JetStreamContext, seq: int) -> DeadLetter | None:

@@ -26,9 +26,9 @@ from bus.openai import chat, completions, embeddings, images, models, tokenize
 from bus.openai.audio import (SPEECH_CONTENT_TYPES, SpeechRequest, Transcript, TranscriptionRequest, TranslationRequest,
                               VerboseTranscript)
 from bus.openai.errors import ErrorResponse
-from bus.protocol import CreditEntry, UsageTotals
+from bus.protocol import CreditEntry, UsageTotals, WorkerAnnouncement
 from edge.admin import KeyCreate
-from edge.console_routes import DeadLetters, LaneQueue, LiveWorker
+from edge.console_routes import DeadLetters, LaneQueue
 
 T = TypeVar("T")
 Object = dict[str, Any]  # a JSON object the route builds as a dict (views that leave out secrets)
@@ -127,7 +127,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("DELETE", "/admin/budgets/{budget}"): Op("Delete a budget", auth="admin"),
     ("GET", "/admin/queues"): Op("Requests queued and running per model and lane", ok=ListOf[LaneQueue],
                                  auth="admin", also={503: "the bus did not answer in time"}),
-    ("GET", "/admin/workers"): Op("The workers live now", ok=ListOf[LiveWorker], auth="admin"),
+    ("GET", "/admin/workers"): Op("The workers live now", ok=ListOf[WorkerAnnouncement], auth="admin"),
     ("GET", "/admin/dead-letters"): Op("The latest messages moved to the dead letters, with their reasons",
                                        ok=DeadLetters, auth="admin", also={503: "the bus did not answer in time"}),
     ("GET", "/console"): Op("The operator's console page (it signs in with the admin token)", ok=None,

@@ -34,7 +34,8 @@ async def trace_middleware(request: web.Request, handler):
                       attributes={"http.request.method": request.method, "http.route": route}) as span:
         request[_SPAN] = span
         response = await handler(request)
-        await response_status(request, response)  # a response sent after its handler returns
+        if not response.prepared:  # sent after its handler returns; a stream's status is set as it starts
+            await response_status(request, response)
         return response
 
 

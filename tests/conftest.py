@@ -148,6 +148,23 @@ class Stack:
         self._served.add(model)
         self.wait_serving(model, timeout=timeout)
 
+    def edge(self, name: str, model: str = CHAT_MODEL, env: dict | None = None) -> str:
+        """Start another edge process on this NATS, with a state dir (and so a signing identity) of its
+        own that the operator trusts as ``name``; wait until it serves ``model``; its base URL."""
+        port, state = free_port(), self.tmp / name
+
+        async def trust_edge():
+            nc = await self.connect("admin")
+            path = edge_identity_path(msgspec.structs.replace(self.settings, state_dir=str(state)))
+            await trust(nc.jetstream(), path, name, "edge")
+            await nc.close()
+
+        asyncio.run(trust_edge())
+        self.spawn("edge", "edge", env={"TOLLGATE_EDGE_PORT": str(port), "TOLLGATE_STATE_DIR": str(state), **(env or {})})
+        base_url = f"http://127.0.0.1:{port}"
+        self.wait_serving(model, base_url=base_url, timeout=60)
+        return base_url
+
     def spawn(self, role: str, *args: str, env: dict | None = None) -> subprocess.Popen:
         """Start ``tollgate ARGS`` connecting to NATS as ``role``."""
         log = open(self.tmp / f"{'-'.join(args)}.log", "ab")
@@ -399,20 +416,7 @@ def request_id(completion_id: str) -> str:
 @pytest.fixture(scope="session")
 def second_edge(stack) -> str:
     """Another edge process on the same NATS: shared state must hold across both."""
-    port = free_port()
-    state = stack.tmp / "edge2"  # its own state dir: its own signing identity, trusted by the operator
-
-    async def trust_edge():
-        nc = await stack.connect("admin")
-        path = edge_identity_path(msgspec.structs.replace(stack.settings, state_dir=str(state)))
-        await trust(nc.jetstream(), path, "edge-2", "edge")
-        await nc.close()
-
-    asyncio.run(trust_edge())
-    stack.spawn("edge", "edge", env={"TOLLGATE_EDGE_PORT": str(port), "TOLLGATE_STATE_DIR": str(state)})
-    base_url = f"http://127.0.0.1:{port}"
-    stack.wait_serving(CHAT_MODEL, base_url=base_url, timeout=60)
-    return base_url
+    return stack.edge("edge-2")
 
 
 async def admin(stack: Stack, method: str, path: str, token: str = ADMIN_TOKEN, **kw) -> tuple[int, dict]:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from pathlib import Path
 
 import aiohttp
-import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,8 +14,6 @@ from billing import metrics as billing_metrics
 from bus.account.tenants import Limits, Tenant
 from bus.metrics import serve_metrics
 from bus.settings import load_settings
-from edge.app import edge_identity_path
-from infra.bootstrap import trust
 from infra.nats_launcher import free_port
 from infra.supervisor import _children
 from tests.conftest import CHAT_MODEL, UNSERVED_MODEL, eventually
@@ -47,20 +43,8 @@ def value(samples: Samples, name: str, **labels) -> float:
 @pytest.fixture(scope="module")
 def edge(stack) -> tuple[str, str]:
     """An edge of this module's own, /metrics on a port of its own: (API base URL, metrics URL)."""
-    port, metrics_port = free_port(), free_port()
-    state = stack.tmp / "edge-metrics"
-
-    async def trust_edge():
-        nc = await stack.connect("admin")
-        path = edge_identity_path(msgspec.structs.replace(stack.settings, state_dir=str(state)))
-        await trust(nc.jetstream(), path, "edge-metrics", "edge")
-        await nc.close()
-
-    asyncio.run(trust_edge())
-    stack.spawn("edge", "edge", env={"TOLLGATE_EDGE_PORT": str(port), "TOLLGATE_STATE_DIR": str(state),
-                                     "TOLLGATE_EDGE_METRICS_PORT": str(metrics_port)})
-    base_url = f"http://127.0.0.1:{port}"
-    stack.wait_serving(CHAT_MODEL, base_url=base_url, timeout=60)
+    metrics_port = free_port()
+    base_url = stack.edge("edge-metrics", env={"TOLLGATE_EDGE_METRICS_PORT": str(metrics_port)})
     return base_url, f"http://127.0.0.1:{metrics_port}/metrics"
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-import msgspec
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -21,8 +20,6 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from bus import tracing
 from bus.settings import SettingsError, TracingSettings, load_settings
-from edge.app import edge_identity_path
-from infra.bootstrap import trust
 from infra.nats_launcher import free_port
 from tests.conftest import eventually
 
@@ -78,19 +75,7 @@ def traced_edge(stack, collector) -> str:
     """An edge and a worker for ``MODEL``, both exporting spans to the collector: the edge's base URL."""
     spans_on = {"TOLLGATE_TRACING_OTLP_ENDPOINT": collector.url, "TOLLGATE_TRACING_EXPORT_INTERVAL_S": "0.2"}
     stack.serve(MODEL, env=spans_on)
-    port, state = free_port(), stack.tmp / "edge-otel"
-
-    async def trust_edge():
-        nc = await stack.connect("admin")
-        path = edge_identity_path(msgspec.structs.replace(stack.settings, state_dir=str(state)))
-        await trust(nc.jetstream(), path, "edge-otel", "edge")
-        await nc.close()
-
-    asyncio.run(trust_edge())
-    stack.spawn("edge", "edge", env={"TOLLGATE_EDGE_PORT": str(port), "TOLLGATE_STATE_DIR": str(state), **spans_on})
-    base_url = f"http://127.0.0.1:{port}"
-    stack.wait_serving(MODEL, base_url=base_url, timeout=60)
-    return base_url
+    return stack.edge("edge-otel", MODEL, env=spans_on)
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,7 @@ class Sequence:
     cached: int = 0  # the sequence's real tokens in the cache: the position of its next token
     last: int = 0  # the token fed to the next step
     generator: torch.Generator | None = None
+    ended: bool = False  # its end was emitted
 
 
 class ContinuousBatch:
@@ -86,6 +87,10 @@ class ContinuousBatch:
                     waiting.append(self._arrivals.get_nowait())
                 except queue.Empty:
                     break
+            for s in [s for s in waiting if s.stop.is_set()]:  # left while waiting (the worker took another)
+                waiting.remove(s)
+                self._finish(s)
+            joiners: list[Sequence] = []
             try:
                 with torch.inference_mode():
                     for s in [s for s in self._active if s.stop.is_set()]:  # their slots are free again
@@ -98,8 +103,9 @@ class ContinuousBatch:
                         self._step()
             except Exception as e:  # noqa: BLE001 — every sequence in hand hears of it; the thread lives on
                 log.exception("decoding failed")
-                for s in self._active:
-                    self._finish(s, e)
+                for s in [*self._active, *joiners]:  # joiners too: a failure mid-admission had not added all
+                    if not s.ended:
+                        self._finish(s, e)
                 self._active, self._cache, self._mask = [], None, None
 
     def _room(self) -> int:
@@ -108,19 +114,14 @@ class ContinuousBatch:
     def _admit(self, joiners: list[Sequence]) -> None:
         """Prefill ``joiners`` — plain prompts together in one forward pass, prompts with more inputs
         (a vision model's pixels) one by one — sample their first tokens and add them to the batch."""
-        ready = []
         for s in joiners:
-            if s.stop.is_set():  # left while it waited
-                self._finish(s)
-                continue
-            ready.append(s)
             s.generator = torch.Generator(device=self.device)
             if s.seed is None:
                 s.generator.seed()
             else:
                 s.generator.manual_seed(s.seed % 2**64)
-        plain = [s for s in ready if not s.inputs]
-        for group in [[s] for s in ready if s.inputs] + ([plain] if plain else []):
+        plain = [s for s in joiners if not s.inputs]
+        for group in [[s] for s in joiners if s.inputs] + ([plain] if plain else []):
             try:
                 logits, cache, mask = self._prefill(group)
             except Exception as e:  # noqa: BLE001 — a failure of these prompts alone: the batch goes on
@@ -195,7 +196,7 @@ class ContinuousBatch:
         self._mask = self._mask[index, start:]
 
     def _finish(self, s: Sequence, failure: BaseException | None = None) -> None:
-        s.failure = failure
+        s.failure, s.ended = failure, True
         s.emit(None)
 
     def _choose(self, logits: torch.Tensor, batch: list[Sequence]) -> list[int]:

@@ -119,11 +119,13 @@ class SentenceEmbeddings:
 
     # -- shared passes ----------------------------------------------------------------
 
-    async def _run(self, batch: Batch[list[list[int]]]) -> list[list[bytes]]:
+    async def _run(self, batch: Batch[list[list[int]]]) -> list[list[bytes] | None]:
         """Each request's rows embedded, in order, ``max_batch`` rows to a pass, off the event loop."""
         rows = [row for request in batch.items for row in request]
         vectors: list[bytes] = []
         for start in range(0, len(rows), self._max_batch):
+            if batch.abandoned.is_set():  # every request of the call has left: free the model for the next
+                return [None] * len(batch.items)
             vectors += await asyncio.to_thread(self._forward, rows[start:start + self._max_batch])
         results = []
         for request in batch.items:

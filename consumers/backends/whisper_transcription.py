@@ -42,7 +42,6 @@ class WhisperTranscription:
         self.model = WhisperModel(path, device=device, compute_type=compute_type, num_workers=concurrency)
         self._rate = self.model.feature_extractor.sampling_rate
         self._window = self.model.feature_extractor.chunk_length * self._rate  # samples in one window
-        self._batched = BatchedInferencePipeline(self.model)
 
     async def transcribe(self, body: TranscriptionBody, cancel: asyncio.Event) -> TranscriptionResult | None:
         """The text of ``body.audio`` with its segments (and words if asked), or None once ``cancel`` is set."""
@@ -53,8 +52,9 @@ class WhisperTranscription:
         # whose text looks wrong, as OpenAI documents; any other value is used as it is.
         temperature = {} if not body.temperature else {"temperature": body.temperature}
         if len(audio) > self._window:
-            transcribe = functools.partial(self._batched.transcribe, batch_size=_CHUNKS_AT_ONCE,
-                                           without_timestamps=False)
+            # A pipeline per request: it keeps the word timing of the audio it decodes on itself.
+            transcribe = functools.partial(BatchedInferencePipeline(self.model).transcribe,
+                                           batch_size=_CHUNKS_AT_ONCE, without_timestamps=False)
         else:
             transcribe = self.model.transcribe
         # Language detection runs inside this call, before the first segment.
