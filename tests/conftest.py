@@ -362,6 +362,13 @@ async def eventually(check, timeout: float = 10.0):
     return result
 
 
+async def fresh_minute(margin_s: float = 20.0) -> None:
+    """Per-minute limits reset on the calendar minute; start a burst early enough to finish inside one."""
+    into = time.time() % 60
+    if into > 60 - margin_s:
+        await asyncio.sleep(60 - into + 0.05)
+
+
 def usage_event(**fields) -> UsageEvent:
     """A usage event as a worker would publish it, with ``fields`` changed."""
     now = time.time()

@@ -13,9 +13,9 @@ import openai
 
 from bus.account import credits
 from bus.subjects import INFLIGHT_BUCKET, REQUESTS_STREAM, request_subject
-from tests.conftest import CHAT_MODEL, admin, eventually, request_id, usage_rows
+from tests.conftest import CHAT_MODEL, admin, eventually, fresh_minute, request_id, usage_rows
 from tests.test_credits import _grant, _prepaid_tenant, _short_deadline_edge
-from tests.test_tenancy import HI, _tenant, _wait_for_fresh_minute
+from tests.test_tenancy import HI, _tenant
 
 
 async def _in_flight(nc, scope: str) -> int:
@@ -71,7 +71,7 @@ async def test_clients_that_vanish_mid_admission_leak_no_hold_and_no_slot(stack,
 
 async def test_a_refused_oversized_request_hoards_nothing_on_any_edge(stack, second_edge, meter):
     key = await _tenant(stack, "hoarded", limits={"tpm": 2000})
-    await _wait_for_fresh_minute()
+    await fresh_minute()
     try:
         await stack.client(api_key=key).chat.completions.create(model=CHAT_MODEL, messages=HI, max_tokens=5000)
         raise AssertionError("5,000 tokens cannot fit a 2,000-token minute")
@@ -86,7 +86,7 @@ async def test_a_refusal_at_the_key_gives_back_what_the_tenant_scope_took(stack,
     await _tenant(stack, "twokeys", limits={"tpm": 1000})
     _, small = await admin(stack, "POST", "/admin/tenants/twokeys/keys", json={"limits": {"tpm": 300}})
     _, free = await admin(stack, "POST", "/admin/tenants/twokeys/keys", json={})
-    await _wait_for_fresh_minute()
+    await fresh_minute()
     small_client = stack.client(api_key=small["key"])
     await small_client.chat.completions.create(model=CHAT_MODEL, messages=HI, max_tokens=250)
     for _ in range(8):  # each refused at its key, after the tenant scope had taken its tokens

@@ -16,7 +16,7 @@ from bus.metrics import serve_metrics
 from bus.settings import load_settings
 from infra.nats_launcher import free_port
 from infra.supervisor import _children
-from tests.conftest import CHAT_MODEL, UNSERVED_MODEL, eventually
+from tests.conftest import CHAT_MODEL, UNSERVED_MODEL, eventually, fresh_minute
 
 MODEL = "all-minilm-l6-v2-metrics"  # tests/stack_models/metrics.toml: only this module sends it work
 DASHBOARD = Path(__file__).resolve().parent.parent / "infra" / "grafana" / "tollgate-operations.json"
@@ -107,6 +107,7 @@ async def test_edge_counts_refusals_by_reason(stack, meter, edge):
     limited = await tenant_key(Tenant(id="metrics-limited", tier="enterprise", limits=Limits(rpm=1)))
     hi = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     before = await scrape(metrics_url)
+    await fresh_minute()  # the limited key's two requests fall in one calendar minute
     statuses = []
     async with aiohttp.ClientSession() as http:
         for key, model in ((prepaid, CHAT_MODEL), (limited, CHAT_MODEL), (limited, CHAT_MODEL),

@@ -18,7 +18,7 @@ from bus.protocol import IssuerGrant, Ticket, encode
 from bus.signing import Identity
 from bus.subjects import cache_hit_usage_subject
 from bus.account import credits
-from tests.conftest import UsageSigner, eventually, usage_event, usage_rows
+from tests.conftest import UsageSigner, eventually, fresh_minute, usage_event, usage_rows
 from tests.test_credits import _grant, _prepaid_tenant
 from tests.test_usage_trust import _dead_letters
 
@@ -124,9 +124,9 @@ async def test_hits_are_limited_like_any_request(cached_model, stack):
     tenant = f"cache-rpm-{uuid.uuid4().hex[:8]}"
     question = _ask(uuid.uuid4().hex)
     assert (await _chat(stack.client(api_key=await _tenant(stack, tenant)), question))[1] == "miss"
-    # Another key of the tenant, limited to two requests a minute: hits take milliseconds, so all
-    # three fall in one minute (the limit counts per calendar minute).
+    # Another key of the tenant, limited to two requests a minute: all three fall in one calendar minute.
     limited = stack.client(api_key=await _key(stack, tenant, limits=Limits(rpm=2)))
+    await fresh_minute()
     assert [(await _chat(limited, question))[1] for _ in range(2)] == ["hit", "hit"]
     with pytest.raises(Exception) as refused:
         await _chat(limited, question)

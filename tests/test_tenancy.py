@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, CHAT_INPUT_PRICE, CHAT_MODEL, CHAT_OUTPUT_PRICE, UNSERVED_MODEL, admin, request_id, usage_rows
+from tests.conftest import ADMIN_TOKEN, CHAT_INPUT_PRICE, CHAT_MODEL, CHAT_OUTPUT_PRICE, UNSERVED_MODEL, admin, fresh_minute, request_id, usage_rows
 
 HI = [{"role": "user", "content": "Say hi."}]
 
@@ -123,18 +123,11 @@ async def test_service_tier_moves_lanes_only_where_allowed(stack, meter, clickho
         assert row["cost_micros"] == math.ceil(base * multipliers[lane])
 
 
-async def _wait_for_fresh_minute(margin_s: float = 20.0) -> None:
-    """Per-minute limits reset on the minute; start a burst early enough to finish inside one."""
-    into = time.time() % 60
-    if into > 60 - margin_s:
-        await asyncio.sleep(60 - into + 0.05)
-
-
 async def test_two_edges_never_allow_more_than_the_tenant_limit(stack, second_edge, meter):
     key = await _tenant(stack, "limited", tier="pro", limits={"rpm": 60, "concurrency": 1000})
     edges = [stack.base_url, second_edge]
     body = {"model": CHAT_MODEL, "messages": HI, "max_tokens": 1}
-    await _wait_for_fresh_minute()
+    await fresh_minute()
 
     # aiohttp with one connection per request and a timeout: a burst of 100 is the edges' test,
     # not the client pool's.
@@ -157,7 +150,7 @@ async def test_two_edges_never_allow_more_than_the_tenant_limit(stack, second_ed
 
 async def test_tokens_per_minute_are_estimated_then_corrected(stack, meter):
     client = stack.client(api_key=await _tenant(stack, "tokenlimited", limits={"tpm": 300}))
-    await _wait_for_fresh_minute()
+    await fresh_minute()
     # Admission charges the completion cap: two at once cannot both fit in 300.
     results = await asyncio.gather(
         *(client.chat.completions.create(model=CHAT_MODEL, messages=HI, max_tokens=200) for _ in range(2)),
