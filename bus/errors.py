@@ -128,6 +128,14 @@ class PayloadTooLarge(TollgateError):
     code = "request_too_large"
 
 
+class RequestTimeout(TollgateError):
+    """A client that stopped sending its request body part-way."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class UsageServiceUnavailable(NoCapacity):
     """The usage query service (in the billing process) is not answering."""
 

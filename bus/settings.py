@@ -63,6 +63,8 @@ class EdgeSettings(msgspec.Struct, forbid_unknown_fields=True):
     # A queued request is failed fast when the worker that took it stops heartbeating.
     worker_silence_s: float = 5.0
     max_body_bytes: int = 8 * 1024 * 1024
+    # A client that sends none of its body for this long is answered 408 and its connection freed.
+    body_idle_s: Annotated[float, msgspec.Meta(gt=0)] = 20.0
     # Request bodies encoded larger than this travel through the tg_blobs object store, so
     # nothing under max_body_bytes depends on nats-server's max_payload (bus/blobs.py).
     blob_threshold_bytes: Annotated[int, msgspec.Meta(ge=1)] = BLOB_THRESHOLD_BYTES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
 import msgspec
 from aiohttp import web
@@ -14,10 +15,13 @@ from bus.openai.decoding import decode_json as decode_body
 from edge.state import TENANCY
 
 
+_YEAR_9999 = 253_402_300_799.0  # the last second a date can name
+
+
 class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
     name: str = ""
-    expires_at: float | None = None  # unix seconds
-    expires_in: float | None = None  # seconds from now
+    expires_at: Annotated[float, msgspec.Meta(gt=0, le=_YEAR_9999)] | None = None  # unix seconds
+    expires_in: Annotated[float, msgspec.Meta(gt=0, le=100 * 365 * 86_400)] | None = None  # seconds from now
     models: list[str] | None = None
     endpoints: list[str] | None = None
     limits: Limits = Limits()
@@ -80,7 +84,10 @@ async def create_key(request: web.Request) -> web.Response:
     spec = decode_body(await request.read() or b"{}", KeyCreate)
     if spec.expires_at is not None and spec.expires_in is not None:
         raise InvalidRequest("set expires_at or expires_in, not both", param="expires_in")
-    expires = spec.expires_at if spec.expires_in is None else time.time() + spec.expires_in
+    now = time.time()
+    if spec.expires_at is not None and spec.expires_at <= now:
+        raise InvalidRequest("expires_at is in the past: the key would never work", param="expires_at")
+    expires = spec.expires_at if spec.expires_in is None else now + spec.expires_in
     key, secret = await store.create_key(
         request.match_info["tenant"], name=spec.name, expires=expires, models=spec.models,
         endpoints=spec.endpoints, limits=spec.limits, model_limits=spec.model_limits,

@@ -23,6 +23,7 @@ from edge import (admin as admin_api, billing_api, chat, completions, embeddings
 from edge import console_routes
 from edge.admission import Gate
 from edge.auth import Authenticator
+from edge.bodies import BODY_IDLE_S
 from edge.errors import error_middleware
 from edge.metrics import exposed as metrics_exposed, metrics_middleware
 from edge.tracing import exported as spans_exported, response_status, trace_middleware
@@ -59,6 +60,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[trace_middleware, error_middleware, metrics_middleware],
                           client_max_size=settings.edge.max_body_bytes)
     app[SETTINGS] = settings
+    app[BODY_IDLE_S] = settings.edge.body_idle_s
     for endpoint in (chat, completions, embeddings, messages, tokenize, transcriptions, speech, images, image_links,
                      models, usage, billing_api, openapi, asyncapi, console_routes):  # one route table per endpoint module
         app.add_routes(endpoint.routes)

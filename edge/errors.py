@@ -10,10 +10,12 @@ from typing import Callable
 import msgspec
 import nats.errors
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from bus.anthropic.errors import error_body as anthropic_error_body
 from bus.errors import InvalidRequest, NoCapacity, PayloadTooLarge, TollgateError
 from bus.openai.errors import ErrorBody, ErrorResponse
+from edge.bodies import read_body
 from edge.forms import route_takes_form
 
 log = logging.getLogger(__name__)
@@ -23,13 +25,16 @@ log = logging.getLogger(__name__)
 _JSON_TYPES = ("application/json", "application/octet-stream")
 
 
-def check_body(request: web.Request) -> None:
-    """Refuse, before any work, a body the route cannot read as JSON or that is over the edge's limit.
+async def check_body(request: web.Request) -> None:
+    """Refuse, before any work, a body the route cannot read as JSON or that is over the edge's limit,
+    and read a JSON body within the edge's idle timeout (a form's reader keeps to it too).
 
     The bus carries anything under that limit (large bodies go by blob, bus/blobs.py).
     """
     if request.method not in ("POST", "PUT", "PATCH") or not request.body_exists:
         return
+    if request.match_info.http_exception is not None:
+        return  # no route: its 404 or 405 says more than anything about the body
     kind = request.content_type  # aiohttp's default when the header is absent is octet-stream
     form = route_takes_form(request)  # edge.forms.read_form takes its multipart body, or says what it wants
     if not form and kind not in _JSON_TYPES and not kind.endswith("+json"):
@@ -37,6 +42,8 @@ def check_body(request: web.Request) -> None:
                              "Content-Type: application/json.", code="unsupported_content_type")
     if (request.content_length or 0) > request.client_max_size:
         raise _too_large(request.client_max_size)
+    if not form:
+        await read_body(request)
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -84,7 +91,7 @@ async def error_middleware(request: web.Request, handler):
     """Map typed errors, aiohttp's own HTTP errors and any bug to one error body, shaped for the route's API."""
     shape = _shape(request)
     try:
-        check_body(request)
+        await check_body(request)
         return await handler(request)
     except TollgateError as exc:
         headers = {}
@@ -102,6 +109,9 @@ async def error_middleware(request: web.Request, handler):
         err = TollgateError(f"{exc.reason}: {request.method} {request.path}", code=code)
         err.status, err.type = exc.status, type_
         return error_response(err, shape=shape)
+    except RequestPayloadError as exc:  # a body whose Content-Encoding does not decode, or cut short
+        return error_response(InvalidRequest(f"The request body could not be read: {exc.__cause__ or exc}",
+                                             code="invalid_body"), shape=shape)
     except nats.errors.Error:
         log.exception("the bus failed on %s %s", request.method, request.path)
         return error_response(NoCapacity("The gateway's message bus is unavailable right now. Try again shortly.",

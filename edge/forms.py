@@ -11,6 +11,7 @@ from aiohttp.http_exceptions import HttpProcessingError  # a part's headers that
 
 from bus.errors import InvalidRequest, PayloadTooLarge
 from bus.openai.decoding import invalid
+from edge.bodies import body_deadline
 
 T = TypeVar("T")
 _MAX_PARTS = 64  # more fields than any endpoint has: a body of empty parts is refused early
@@ -70,6 +71,11 @@ async def read_form(request: web.Request, file_fields: frozenset[str]) -> Form:
     if request.content_type != "multipart/form-data":
         raise InvalidRequest("This endpoint takes a multipart/form-data body "
                              f"(got {request.content_type or 'none'}).")
+    async with body_deadline(request):
+        return await _read_form(request, file_fields)
+
+
+async def _read_form(request: web.Request, file_fields: frozenset[str]) -> Form:
     limit = request.client_max_size
     try:
         reader = await request.multipart()
@@ -78,9 +84,9 @@ async def read_form(request: web.Request, file_fields: frozenset[str]) -> Form:
             parts += 1
             if parts > _MAX_PARTS:
                 raise InvalidRequest(f"The form has more than {_MAX_PARTS} parts.")
-            name = part.name
-            if not name or not isinstance(part, BodyPartReader):  # a nested multipart is not a field
+            if not isinstance(part, BodyPartReader) or not part.name:  # a nested multipart is not a field
                 raise InvalidRequest("Every part of the form must be a named field.")
+            name = part.name
             field_limit = None if name in file_fields else _MAX_FIELD_BYTES
             data = await _read_bounded(part, limit - total, field_limit, limit)
             total += len(data)

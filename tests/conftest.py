@@ -71,6 +71,7 @@ port = {edge_port}
 admin_token = "{ADMIN_TOKEN}"
 request_timeout_s = 60
 worker_silence_s = 3
+body_idle_s = 3  # a stalled upload's 408 comes quickly
 
 [worker]
 # Small enough that a test can fill a lane; larger than any other test's burst.
@@ -360,6 +361,17 @@ async def eventually(check, timeout: float = 10.0):
             raise AssertionError(f"{check.__name__} did not come true in {timeout}s")
         await asyncio.sleep(0.1)
     return result
+
+
+async def known_to_edge(base_url: str, key: str) -> str:
+    """Wait until the edge at ``base_url`` takes ``key`` (its mirror of the key bucket follows a watch), and return it."""
+    async def takes_it():
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"}) as resp:
+                return resp.status == 200
+
+    await eventually(takes_it)
+    return key
 
 
 async def fresh_minute(margin_s: float = 20.0) -> None:

@@ -104,6 +104,32 @@ async def test_bad_body_names_the_field(client):
     with pytest.raises(openai.BadRequestError) as err:
         await client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, extra_body={"frobnicate": 1})
     assert err.value.body["param"] == "frobnicate"
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model=CHAT_MODEL, messages=[{"content": "hi"}])
+    assert err.value.body["param"] == "messages[0].role" and "Missing required" in err.value.message
+
+
+async def test_options_sent_at_their_defaults_change_nothing_and_others_are_refused_by_name(client):
+    kw = dict(model=CHAT_MODEL, messages=QUESTION, temperature=0, max_tokens=8)
+    plain = await client.chat.completions.create(**kw)
+    # What clients such as LangChain send on every call, each at the value that asks for nothing.
+    defaults = dict(frequency_penalty=0, presence_penalty=0, logit_bias={}, logprobs=False, store=False,
+                    metadata={"team": "search"}, parallel_tool_calls=False, tool_choice="none",
+                    response_format={"type": "text"}, modalities=["text"], prompt_cache_key="k", safety_identifier="u")
+    assert (await client.chat.completions.create(**kw, **defaults)).choices[0].message.content == \
+        plain.choices[0].message.content
+    stream = await client.chat.completions.create(**kw, stream=True, stream_options={
+        "include_usage": True, "include_obfuscation": False})
+    assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == \
+        plain.choices[0].message.content
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for asked, param in ((dict(frequency_penalty=0.5), "frequency_penalty"), (dict(logprobs=True), "logprobs"),
+                         (dict(tools=[tool]), "tools"), (dict(tool_choice="required"), "tool_choice"),
+                         (dict(response_format={"type": "json_object"}), "response_format"),
+                         (dict(store=True), "store"), (dict(top_logprobs=2), "top_logprobs")):
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.chat.completions.create(**kw, **asked)
+        assert (err.value.body["param"], err.value.code) == (param, "unsupported_parameter"), asked
 
 
 async def test_invalid_json_is_a_400(stack, meter):

@@ -283,6 +283,26 @@ async def _credit(stack, tenant: str, amount: int, entry_id: str, **extra) -> tu
                        json={"amount_micros": amount, "id": entry_id, **extra})
 
 
+async def test_a_balance_stops_short_of_what_the_ledger_can_sum(stack, nc, meter):
+    tenant = "prepaid-cap"
+    await _prepaid_tenant(stack, tenant)
+    almost = credits.MAX_BALANCE_MICROS - 1
+    status, _ = await _credit(stack, tenant, almost, "huge-1")
+    assert status == 202
+    await eventually(lambda: _available_is(nc, tenant, almost))
+    status, body = await _credit(stack, tenant, 2, "huge-2")  # past the cap by one micro-credit
+    assert status == 400 and body["error"]["param"] == "amount_micros", body
+    status, body = await _credit(stack, tenant, almost, "huge-1")  # a retry still answers
+    assert status == 202 and body["id"] == "huge-1", body
+    status, _ = await _credit(stack, tenant, 1, "huge-3")  # the cap itself is reachable
+    assert status == 202
+    await eventually(lambda: _available_is(nc, tenant, credits.MAX_BALANCE_MICROS))
+
+
+async def _available_is(nc, tenant: str, amount: int) -> bool:
+    return await credits.available(nc.jetstream(), tenant) == amount
+
+
 async def test_ledger_ids_are_per_tenant(stack, nc, meter, clickhouse):
     a, b = "prepaid-ids-a", "prepaid-ids-b"
     for tenant in (a, b):

@@ -8,15 +8,18 @@ runs billing, and with it the usage service) keeps serving meanwhile.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import http.client
 import json
+import socket
+import time
 from urllib.parse import quote, urlsplit
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bus.errors import NotFound
 from bus.account.tenants import Tenant
-from tests.conftest import ADMIN_TOKEN, CHAT_MODEL
+from tests.conftest import ADMIN_TOKEN, CHAT_MODEL, known_to_edge
 
 TENANT = "hostile"
 PROP_TENANT = "hostile-prop"  # the property tests may change it in any valid way: a tenant of their own
@@ -36,15 +39,15 @@ async def _key(stack, tenant: str = TENANT) -> tuple[str, str]:
         return await store.create_key(tenant, name="hostile")
 
     key, secret = await stack.tenancy(make)
-    return key.id, secret
+    return key.id, await known_to_edge(stack.base_url, secret)
 
 
 def _send(stack, method: str, path: str, body: bytes | None = None, token: str = ADMIN_TOKEN,
-          content_type: str | None = "application/json") -> tuple[int, dict]:
+          content_type: str | None = "application/json", headers: dict | None = None) -> tuple[int, dict]:
     """One blocking HTTP request with exactly these bytes; the status and the JSON answer."""
     url = urlsplit(stack.base_url)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-    headers = {"Authorization": f"Bearer {token}"}
+    headers = {"Authorization": f"Bearer {token}", **(headers or {})}
     if content_type:
         headers["Content-Type"] = content_type
     try:
@@ -141,6 +144,73 @@ async def test_a_2_mib_chat_body_reaches_the_model(stack, meter):
     assert len(chat) > 2 * 1024 * 1024
     status, body = await asyncio.to_thread(_send, stack, "POST", "/v1/chat/completions", chat, secret)
     assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+
+
+async def test_a_body_whose_compression_does_not_decode_is_a_400(stack, meter):
+    _, secret = await _key(stack)
+    chat = json.dumps({"model": CHAT_MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    for encoding in ("gzip", "deflate"):
+        status, body = await asyncio.to_thread(_send, stack, "POST", "/v1/chat/completions", b"not compressed",
+                                               secret, headers={"Content-Encoding": encoding})
+        assert status == 400 and body["error"]["code"] == "invalid_body", (encoding, body)
+    status, body = await asyncio.to_thread(_send, stack, "POST", "/v1/chat/completions", gzip.compress(chat),
+                                           secret, headers={"Content-Encoding": "gzip"})
+    assert status == 200 and body["usage"]["completion_tokens"] == 1, body  # a good one is read
+
+
+async def test_a_form_part_that_is_itself_a_form_is_a_400(stack, meter):
+    _, secret = await _key(stack)
+    nested = (b"--XX\r\nContent-Disposition: form-data; name=\"file\"\r\n"
+              b"Content-Type: multipart/mixed; boundary=YY\r\n\r\n--YY\r\n\r\nx\r\n--YY--\r\n--XX--\r\n")
+    status, body = await asyncio.to_thread(_send, stack, "POST", "/v1/audio/transcriptions", nested, secret,
+                                           "multipart/form-data; boundary=XX")
+    assert status == 400 and "named field" in body["error"]["message"], body
+
+
+def _stalled(stack, path: str, token: str, content_type: str, sent: bytes) -> tuple[int, dict, float]:
+    """A request that promises a longer body than it sends, then waits: the status, answer and wait."""
+    url = urlsplit(stack.base_url)
+    head = (f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(sent) + 1000}\r\n\r\n").encode()
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(head + sent)
+        started = time.monotonic()
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        return answer.status, json.loads(answer.read()), time.monotonic() - started
+
+
+async def test_a_body_that_stops_arriving_is_answered_408_and_the_edge_goes_on(stack, meter):
+    _, secret = await _key(stack)
+    idle = stack.settings.edge.body_idle_s
+    for path, content_type, sent in (
+            ("/v1/chat/completions", "application/json", b'{"model": "%s", "messages": [' % CHAT_MODEL.encode()),
+            ("/v1/audio/transcriptions", "multipart/form-data; boundary=XX",
+             b'--XX\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF')):
+        status, body, waited = await asyncio.to_thread(_stalled, stack, path, secret, content_type, sent)
+        assert status == 408 and body["error"]["code"] == "request_timeout", (path, body)
+        assert idle <= waited < idle + 10, waited
+    chat = json.dumps({"model": CHAT_MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    status, body = await asyncio.to_thread(_send, stack, "POST", "/v1/chat/completions", chat, secret)
+    assert status == 200, body
+
+
+async def test_a_form_sent_to_a_route_that_does_not_exist_is_a_404(stack, meter):
+    _, secret = await _key(stack)
+    status, body = await asyncio.to_thread(_send, stack, "POST", "/v1/images/variations", b"--XX--\r\n", secret,
+                                           "multipart/form-data; boundary=XX")
+    assert status == 404 and body["error"]["code"] == "unknown_url", body
+
+
+async def test_admin_refuses_keys_that_could_never_work(stack, meter):
+    await _key(stack)
+    for spec, param in (({"expires_in": -5}, "expires_in"), ({"expires_in": 1e308}, "expires_in"),
+                        ({"expires_at": 1_000}, "expires_at"), ({"endpoints": ["chat.completion"]}, "endpoints")):
+        status, body = await asyncio.to_thread(_send, stack, "POST", f"/admin/tenants/{TENANT}/keys",
+                                               json.dumps(spec).encode())
+        assert status == 400 and body["error"]["param"] == param, (spec, body)
+    status, body = await asyncio.to_thread(_send, stack, "PATCH", f"/admin/tenants/{TENANT}", b'{"disabled": "yes"}')
+    assert status == 400 and body["error"]["param"] == "disabled", body
 
 
 # --- random and hostile input ----------------------------------------------------------------

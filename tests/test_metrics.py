@@ -16,7 +16,7 @@ from bus.metrics import serve_metrics
 from bus.settings import load_settings
 from infra.nats_launcher import free_port
 from infra.supervisor import _children
-from tests.conftest import CHAT_MODEL, UNSERVED_MODEL, eventually, fresh_minute
+from tests.conftest import CHAT_MODEL, UNSERVED_MODEL, eventually, fresh_minute, known_to_edge
 
 MODEL = "all-minilm-l6-v2-metrics"  # tests/stack_models/metrics.toml: only this module sends it work
 DASHBOARD = Path(__file__).resolve().parent.parent / "infra" / "grafana" / "tollgate-operations.json"

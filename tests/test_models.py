@@ -12,7 +12,7 @@ async def test_a_model_says_what_it_serves_its_context_and_its_prices(client):
     model = await client.models.retrieve(CHAT_MODEL)
     assert model.id == CHAT_MODEL and model.object == "model"
     extra = model.model_extra
-    assert extra["endpoints"] == ["/v1/chat/completions", "/v1/completions"]
+    assert extra["endpoints"] == ["/v1/chat/completions", "/v1/completions", "/v1/messages"]
     assert extra["context_length"] == 8192
     assert extra["prices"]["input_token"] == CHAT_INPUT_PRICE and extra["prices"]["output_token"] == CHAT_OUTPUT_PRICE
     listed = {m.id: m for m in (await client.models.list()).data}

@@ -115,6 +115,7 @@ async def test_verbose_json_has_segments_duration_language_and_words(whisper, cl
                                                      timestamp_granularities=["word", "segment"])
     assert reply.language == "english" and math.isclose(reply.duration, _seconds(fox), abs_tol=0.01)
     assert reply.segments and reply.segments[0].start >= 0 and reply.segments[-1].end <= reply.duration + 0.5
+    assert [s.id for s in reply.segments] == list(range(len(reply.segments)))  # from 0, as OpenAI numbers them
     assert "".join(s.text for s in reply.segments).strip() == reply.text
     words = [w.word for w in reply.words]
     assert _wer(" ".join(words), FOX) <= 0.2, words

@@ -19,6 +19,7 @@ for good in ``tg_credit_ids`` before its entry is published (``record_change``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
 from typing import Literal
@@ -36,6 +37,8 @@ from bus.subjects import CREDIT_IDS_BUCKET, CREDITS_STREAM, credit_counter, cred
 
 # What one ledger entry may move (ClickHouse keeps amounts as Int64), and the latest expiry (year 2200).
 MAX_MICROS, _LATEST_EXPIRY = 2**62, 7_258_118_400.0
+# The most a balance may reach: two changes racing past it still sum inside Int64 (the ledger's sums).
+MAX_BALANCE_MICROS = 2**62 - 1
 # Ids billing makes itself (``billing.expiry``, the debit view): an operator's id must not take one.
 _RESERVED_ID_PREFIXES, _MAX_ID_LENGTH = ("expire-", "debit-"), 256
 
@@ -142,17 +145,29 @@ async def record_change(js: JetStreamContext, entry: CreditEntry) -> CreditEntry
     """
     kv = await js.key_value(CREDIT_IDS_BUCKET)
     key = f"{entry.tenant}.{hashlib.sha256(entry.id.encode()).hexdigest()}"  # ids may hold any character
+    if entry.amount_micros > 0 and await available(js, entry.tenant) + entry.amount_micros > MAX_BALANCE_MICROS:
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):  # a retry of a change that stands is answered
+            return await _recorded(js, kv, key, entry)
+        raise InvalidRequest(f"this change would take the balance past {MAX_BALANCE_MICROS} micro-credits",
+                             param="amount_micros")
     try:
         await kv.create(key, encode(entry))
     except nats.js.errors.KeyWrongLastSequenceError:
-        first = decode_credit((await kv.get(key)).value)
-        if not _same_change(first, entry):
-            raise Conflict(f"id {entry.id!r} was already used for a different change to this tenant's credits "
-                           f"({first.kind} of {first.amount_micros} micro-credits)", param="id",
-                           code="idempotency_key_reused") from None
-        entry = first
+        return await _recorded(js, kv, key, entry)
     await record(js, entry)
     return entry
+
+
+async def _recorded(js: JetStreamContext, kv, key: str, entry: CreditEntry) -> CreditEntry:
+    """The change first recorded under ``entry``'s id, published again (billing applies it once);
+    ``Conflict`` if that id named a different change."""
+    first = decode_credit((await kv.get(key)).value)
+    if not _same_change(first, entry):
+        raise Conflict(f"id {entry.id!r} was already used for a different change to this tenant's credits "
+                       f"({first.kind} of {first.amount_micros} micro-credits)", param="id",
+                       code="idempotency_key_reused")
+    await record(js, first)
+    return first
 
 
 async def report_hold(js: JetStreamContext, notice: HoldNotice) -> None:

@@ -16,8 +16,9 @@ from nats.js.kv import KeyValue
 
 from bus.buckets import bucket_keys
 from bus.errors import Conflict, InvalidRequest, NotFound
+from bus.openai.decoding import invalid
 from bus.subjects import KEYS_BUCKET, LANES, TENANTS_BUCKET
-from bus.account.tenants import ApiKey, Tenant, new_key, valid_id
+from bus.account.tenants import ENDPOINT_SCOPES, ApiKey, Tenant, new_key, valid_id
 
 _tenant = msgspec.msgpack.Decoder(Tenant)
 _key = msgspec.msgpack.Decoder(ApiKey)
@@ -50,7 +51,15 @@ def _patched(record, patch: dict, allowed: set[str], kind: type):
     try:
         return msgspec.convert(merged, kind)
     except msgspec.ValidationError as exc:
-        raise InvalidRequest(str(exc)) from None
+        raise invalid(str(exc)) from None
+
+
+def _check_scope(key: ApiKey) -> None:
+    """A key may only be scoped to endpoints that exist: a typo would silently lock it out."""
+    unknown = sorted(set(key.endpoints or ()) - ENDPOINT_SCOPES)
+    if unknown:
+        raise InvalidRequest(f"unknown endpoint {unknown[0]!r}: one of {', '.join(sorted(ENDPOINT_SCOPES))}",
+                             param="endpoints")
 
 
 class TenancyStore:
@@ -100,8 +109,11 @@ class TenancyStore:
         try:
             key, secret = new_key(tenant_id, **fields)
             key = msgspec.convert(msgspec.to_builtins(key), ApiKey)  # validate the given fields
-        except (TypeError, msgspec.ValidationError) as exc:
+        except TypeError as exc:
             raise InvalidRequest(str(exc)) from None
+        except msgspec.ValidationError as exc:
+            raise invalid(str(exc)) from None
+        _check_scope(key)
         await self._keys.create(key.id, _encode(key))
         return key, secret
 
@@ -127,6 +139,7 @@ class TenancyStore:
         if current.revoked:
             raise Conflict(f"API key {key_id!r} is revoked")
         key = _patched(current, patch, KEY_FIELDS, ApiKey)
+        _check_scope(key)
         await self._write(self._keys, key_id, key, revision)
         return key
 

@@ -112,6 +112,13 @@ def key_id_of(secret: str) -> str | None:
     return secret[len(KEY_PREFIX):len(KEY_PREFIX) + _KEY_ID_LEN]
 
 
+# What a key's ``endpoints`` scope may name: each route authenticates as one of these ("*": all).
+ENDPOINT_SCOPES = frozenset({
+    "*", "chat.completions", "completions", "embeddings", "messages", "tokenize", "models", "images",
+    "audio.speech", "audio.transcriptions", "audio.translations", "usage", "credits",
+})
+
+
 def _allows(allowed: list[str] | None, name: str) -> bool:
     return allowed is None or "*" in allowed or name in allowed
 

@@ -137,8 +137,9 @@ def transcript(result: bytes, seconds: int, response_format: str, body: Transcri
     if response_format == "json":
         return _json(Transcript(heard.text, usage)), "application/json"
     language = "en" if body.task == "translate" else heard.language  # a translation's text is English
-    segments = [Segment(s.id, s.seek, s.start, s.end, s.text, s.tokens, s.temperature, s.avg_logprob,
-                        s.compression_ratio, s.no_speech_prob) for s in heard.segments]
+    # Numbered from 0 in order, as OpenAI's are (faster-whisper counts from 1).
+    segments = [Segment(i, s.seek, s.start, s.end, s.text, s.tokens, s.temperature, s.avg_logprob,
+                        s.compression_ratio, s.no_speech_prob) for i, s in enumerate(heard.segments)]
     words = [Word(w.word.strip(), w.start, w.end) for w in heard.words] if body.words else None
     verbose = VerboseTranscript(body.task, LANGUAGES.get(language, language), heard.duration, heard.text, segments,
                                 usage, words)

@@ -14,6 +14,7 @@ from msgspec import Meta
 from bus.account.prices import Charge, Units
 from bus.errors import InvalidRequest
 from bus.protocol import ChatBody, ChatMessage, Envelope, Final
+from bus.openai.unsupported import UnsupportedChatOptions, refuse_unsupported
 from bus.settings import ModelSpec
 
 
@@ -38,9 +39,10 @@ class Message(msgspec.Struct):
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
+    include_obfuscation: bool = True  # padding against length side channels: nothing here to pad for
 
 
-class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
+class ChatCompletionRequest(UnsupportedChatOptions, forbid_unknown_fields=True):
     model: str
     messages: Annotated[list[Message], Meta(min_length=1)]
     stream: bool = False
@@ -175,6 +177,7 @@ def to_body(req: ChatCompletionRequest, spec: ModelSpec | None, images: Sequence
     if spec is not None and spec.kind != "chat":  # its workers would refuse it unrun
         raise InvalidRequest(f"The model '{req.model}' does not chat; it serves {spec.kind}.",
                              param="model", code="model_not_supported")
+    refuse_unsupported(req)
     if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
         raise InvalidRequest("Set max_tokens or max_completion_tokens, not both.", param="max_tokens")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])

@@ -16,6 +16,7 @@ from bus.account.prices import Charge, Units
 from bus.errors import InvalidRequest
 from bus.openai.chat import CompletionUsage, StreamOptions, usage_of
 from bus.protocol import CompletionBody, Envelope, Final
+from bus.openai.unsupported import UnsupportedCompletionOptions, refuse_unsupported
 from bus.settings import ModelSpec
 
 # OpenAI's default for this endpoint: the legacy API completes a few words unless asked for more.
@@ -24,7 +25,7 @@ DEFAULT_MAX_TOKENS = 16
 _SPECIAL_TOKENS = 8
 
 
-class CompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
+class CompletionRequest(UnsupportedCompletionOptions, forbid_unknown_fields=True):
     model: str
     prompt: Union[str, Annotated[list[str], Meta(min_length=1)]]
     max_tokens: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None = None
@@ -82,6 +83,7 @@ def to_body(req: CompletionRequest, spec: ModelSpec) -> CompletionBody:
     if spec.vision:  # vision models serve chat alone
         raise InvalidRequest(f"The model '{req.model}' reads images: use chat completions.",
                              param="model", code="model_not_supported")
+    refuse_unsupported(req)
     if isinstance(req.prompt, list) and len(req.prompt) > 1:
         raise InvalidRequest("One prompt per request: this gateway returns a single choice (n = 1).",
                              param="prompt")

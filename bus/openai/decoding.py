@@ -12,6 +12,7 @@ from bus.errors import InvalidRequest
 T = TypeVar("T")
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 # 19 digits or more: the only integers that may not fit in 64 bits. Searching the raw bytes is
 # cheap, so the exact check (a walk of the decoded value) runs only for bodies that have one.
 _LONG_DIGITS = re.compile(rb"\d{19}")
@@ -39,14 +40,14 @@ def decode_json(data: bytes, type_: type[T]) -> T:
 
 def invalid(text: str) -> InvalidRequest:
     """A msgspec validation message as a 400 naming the offending field."""
-    unknown = _UNKNOWN_FIELD.search(text)
     path = _PATH.search(text)
-    if unknown:
-        name = unknown.group(1)
-        prefix = path.group(1) if path and path.group(1) else ""
-        param = f"{prefix}.{name}" if prefix else name
-        return InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param)
-    param = path.group(1) if path and path.group(1) else None
+    prefix = path.group(1) if path and path.group(1) else ""
+    for pattern, says in ((_UNKNOWN_FIELD, "Unrecognized request argument supplied: {}"),
+                          (_MISSING_FIELD, "Missing required parameter: '{}'.")):
+        if named := pattern.search(text):
+            param = f"{prefix}.{named.group(1)}" if prefix else named.group(1)
+            return InvalidRequest(says.format(param), param=param)
+    param = prefix or None
     message = _PATH.sub("", text)
     return InvalidRequest(f"Invalid value for '{param}': {message}" if param else message, param=param)
 

@@ -7,9 +7,12 @@ import msgspec
 from bus.account.prices import Prices
 from bus.settings import ModelSpec
 
-# The OpenAI routes each kind of model answers.
-ENDPOINTS_BY_KIND = {"chat": ["/v1/chat/completions", "/v1/completions"], "embeddings": ["/v1/embeddings"],
-                     "transcription": ["/v1/audio/transcriptions", "/v1/audio/translations"]}
+# The generating routes each kind of model answers (a vision model chats, but completes no bare prompt).
+ENDPOINTS_BY_KIND = {"chat": ["/v1/chat/completions", "/v1/completions", "/v1/messages"],
+                     "embeddings": ["/v1/embeddings"],
+                     "transcription": ["/v1/audio/transcriptions", "/v1/audio/translations"],
+                     "speech": ["/v1/audio/speech"], "images": ["/v1/images/generations", "/v1/images/edits"]}
+_VISION_ENDPOINTS = ["/v1/chat/completions", "/v1/messages"]
 
 
 class ModelCard(msgspec.Struct):
@@ -30,5 +33,6 @@ class ModelList(msgspec.Struct):
 
 def model_card(name: str, spec: ModelSpec) -> ModelCard:
     """The model object for ``name``."""
-    return ModelCard(name, endpoints=ENDPOINTS_BY_KIND.get(spec.kind, []), context_length=spec.context_tokens,
+    endpoints = _VISION_ENDPOINTS if spec.vision else ENDPOINTS_BY_KIND[spec.kind]
+    return ModelCard(name, endpoints=endpoints, context_length=spec.context_tokens,
                      prices=spec.prices)
