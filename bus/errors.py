@@ -90,10 +90,11 @@ class RateLimited(TollgateError):
     type = "requests"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, kind: str, retry_after_s: float):
+    def __init__(self, message: str, *, kind: str, retry_after_s: float, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.type = kind
         self.retry_after_s = retry_after_s
+        self.headers = headers or {}  # the limit that refused, as OpenAI's x-ratelimit-* headers say it
 
 
 class InsufficientQuota(TollgateError):

@@ -99,6 +99,7 @@ async def error_middleware(request: web.Request, handler):
             headers["x-request-id"] = exc.request_id
         if getattr(exc, "retry_after_s", None) is not None:  # rate limits, a full queue
             headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
+        headers.update(getattr(exc, "headers", {}))  # a rate limit's x-ratelimit-*
         return error_response(exc, headers or None, shape)
     except web.HTTPException as exc:
         if exc.status < 400:

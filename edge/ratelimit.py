@@ -243,6 +243,9 @@ class RateLimiter:
                         f"Try again in {_reset(reset)}.",
                         kind=metric,
                         retry_after_s=reset,
+                        headers={f"x-ratelimit-limit-{metric}": str(budget.limit),
+                                 f"x-ratelimit-remaining-{metric}": str(budget.remaining()),
+                                 f"x-ratelimit-reset-{metric}": _reset(reset)},
                     )
                 taken.append((budget, amount))
             if budgets:

@@ -101,7 +101,7 @@ async def test_edge_counts_refusals_by_reason(stack, meter, edge):
         async def make(store):
             await store.create_tenant(tenant)
             return (await store.create_key(tenant.id, name="metrics"))[1]
-        return await stack.tenancy(make)
+        return await known_to_edge(base_url, await stack.tenancy(make))
 
     prepaid = await tenant_key(Tenant(id="metrics-prepaid", tier="enterprise", prepaid=True))  # no credits
     limited = await tenant_key(Tenant(id="metrics-limited", tier="enterprise", limits=Limits(rpm=1)))

@@ -146,6 +146,8 @@ async def test_two_edges_never_allow_more_than_the_tenant_limit(stack, second_ed
     assert all(int(h["x-ratelimit-limit-requests"]) == 60 for h in ok)
     assert all(a["error"]["code"] == "rate_limit_exceeded" and a["error"]["type"] == "requests" for _, a in limited)
     assert 0 < int(limited[0][0]["Retry-After"]) <= 60
+    # A refusal says which limit refused it, as a success does.
+    assert all(int(h["x-ratelimit-limit-requests"]) == 60 and h["x-ratelimit-reset-requests"] for h, _ in limited)
 
 
 async def test_tokens_per_minute_are_estimated_then_corrected(stack, meter):
