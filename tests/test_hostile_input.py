@@ -15,6 +15,7 @@ import socket
 import time
 from urllib.parse import quote, urlsplit
 
+import brotli
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bus.errors import NotFound
@@ -149,13 +150,14 @@ async def test_a_2_mib_chat_body_reaches_the_model(stack, meter):
 async def test_a_body_whose_compression_does_not_decode_is_a_400(stack, meter):
     _, secret = await _key(stack)
     chat = json.dumps({"model": CHAT_MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}).encode()
-    for encoding in ("gzip", "deflate"):
+    for encoding in ("gzip", "deflate", "br"):
         status, body = await asyncio.to_thread(_send, stack, "POST", "/v1/chat/completions", b"not compressed",
                                                secret, headers={"Content-Encoding": encoding})
         assert status == 400 and body["error"]["code"] == "invalid_body", (encoding, body)
-    status, body = await asyncio.to_thread(_send, stack, "POST", "/v1/chat/completions", gzip.compress(chat),
-                                           secret, headers={"Content-Encoding": "gzip"})
-    assert status == 200 and body["usage"]["completion_tokens"] == 1, body  # a good one is read
+    for encoding, compress in (("gzip", gzip.compress), ("br", brotli.compress)):  # good ones are read
+        status, body = await asyncio.to_thread(_send, stack, "POST", "/v1/chat/completions", compress(chat),
+                                               secret, headers={"Content-Encoding": encoding})
+        assert status == 200 and body["usage"]["completion_tokens"] == 1, (encoding, body)
 
 
 async def test_a_form_part_that_is_itself_a_form_is_a_400(stack, meter):
