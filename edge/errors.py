@@ -15,7 +15,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from bus.anthropic.errors import error_body as anthropic_error_body
 from bus.errors import InvalidRequest, NoCapacity, PayloadTooLarge, TollgateError
 from bus.openai.errors import ErrorBody, ErrorResponse
-from edge.bodies import read_body
+from edge.bodies import body_deadline
 from edge.forms import route_takes_form
 
 log = logging.getLogger(__name__)
@@ -25,9 +25,8 @@ log = logging.getLogger(__name__)
 _JSON_TYPES = ("application/json", "application/octet-stream")
 
 
-async def check_body(request: web.Request) -> None:
-    """Refuse, before any work, a body the route cannot read as JSON or that is over the edge's limit,
-    and read a JSON body within the edge's idle timeout (a form's reader keeps to it too).
+def check_body(request: web.Request) -> None:
+    """Refuse, before any work, a body the route cannot read as JSON or that is over the edge's limit.
 
     The bus carries anything under that limit (large bodies go by blob, bus/blobs.py).
     """
@@ -42,8 +41,6 @@ async def check_body(request: web.Request) -> None:
                              "Content-Type: application/json.", code="unsupported_content_type")
     if (request.content_length or 0) > request.client_max_size:
         raise _too_large(request.client_max_size)
-    if not form:
-        await read_body(request)
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -91,8 +88,9 @@ async def error_middleware(request: web.Request, handler):
     """Map typed errors, aiohttp's own HTTP errors and any bug to one error body, shaped for the route's API."""
     shape = _shape(request)
     try:
-        await check_body(request)
-        return await handler(request)
+        check_body(request)
+        async with body_deadline(request):  # a body that stops arriving is a 408, not a hang
+            return await handler(request)
     except TollgateError as exc:
         headers = {}
         if getattr(exc, "request_id", None):

@@ -11,7 +11,6 @@ from aiohttp.http_exceptions import HttpProcessingError  # a part's headers that
 
 from bus.errors import InvalidRequest, PayloadTooLarge
 from bus.openai.decoding import invalid
-from edge.bodies import body_deadline
 
 T = TypeVar("T")
 _MAX_PARTS = 64  # more fields than any endpoint has: a body of empty parts is refused early
@@ -71,11 +70,6 @@ async def read_form(request: web.Request, file_fields: frozenset[str]) -> Form:
     if request.content_type != "multipart/form-data":
         raise InvalidRequest("This endpoint takes a multipart/form-data body "
                              f"(got {request.content_type or 'none'}).")
-    async with body_deadline(request):
-        return await _read_form(request, file_fields)
-
-
-async def _read_form(request: web.Request, file_fields: frozenset[str]) -> Form:
     limit = request.client_max_size
     try:
         reader = await request.multipart()

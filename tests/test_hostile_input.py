@@ -169,17 +169,27 @@ async def test_a_form_part_that_is_itself_a_form_is_a_400(stack, meter):
     assert status == 400 and "named field" in body["error"]["message"], body
 
 
-def _stalled(stack, path: str, token: str, content_type: str, sent: bytes) -> tuple[int, dict, float]:
-    """A request that promises a longer body than it sends, then waits: the status, answer and wait."""
+def _trickled(stack, path: str, token: str, content_type: str, pieces: list[bytes], pause_s: float,
+              promised: int) -> tuple[int, dict, float]:
+    """A request whose body comes in ``pieces``, ``pause_s`` apart, under a Content-Length of
+    ``promised``: the status, the answer and the wait after the last piece."""
     url = urlsplit(stack.base_url)
     head = (f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(sent) + 1000}\r\n\r\n").encode()
+            f"Content-Type: {content_type}\r\nContent-Length: {promised}\r\n\r\n").encode()
     with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
-        sock.sendall(head + sent)
+        sock.sendall(head)
+        for piece in pieces:
+            time.sleep(pause_s)
+            sock.sendall(piece)
         started = time.monotonic()
         answer = http.client.HTTPResponse(sock)
         answer.begin()
         return answer.status, json.loads(answer.read()), time.monotonic() - started
+
+
+def _stalled(stack, path: str, token: str, content_type: str, sent: bytes) -> tuple[int, dict, float]:
+    """A request that promises a longer body than it sends, then waits."""
+    return _trickled(stack, path, token, content_type, [sent], 0, len(sent) + 1000)
 
 
 async def test_a_body_that_stops_arriving_is_answered_408_and_the_edge_goes_on(stack, meter):
@@ -192,9 +202,12 @@ async def test_a_body_that_stops_arriving_is_answered_408_and_the_edge_goes_on(s
         status, body, waited = await asyncio.to_thread(_stalled, stack, path, secret, content_type, sent)
         assert status == 408 and body["error"]["code"] == "request_timeout", (path, body)
         assert idle <= waited < idle + 10, waited
+    # A slow upload that keeps sending is read to the end, however long it takes in all.
     chat = json.dumps({"model": CHAT_MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}).encode()
-    status, body = await asyncio.to_thread(_send, stack, "POST", "/v1/chat/completions", chat, secret)
-    assert status == 200, body
+    pieces = [chat[i:i + len(chat) // 4 + 1] for i in range(0, len(chat), len(chat) // 4 + 1)]
+    status, body, _ = await asyncio.to_thread(_trickled, stack, "/v1/chat/completions", secret, "application/json",
+                                              pieces, idle * 0.6, len(chat))
+    assert status == 200 and len(pieces) * idle * 0.6 > 1.5 * idle, body
 
 
 async def test_a_form_sent_to_a_route_that_does_not_exist_is_a_404(stack, meter):
