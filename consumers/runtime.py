@@ -52,6 +52,11 @@ _IDLE_POLL_S = 1.0
 _MAX_REMEMBERED_CANCELS = 100_000
 
 
+def _publisher_of(envelope: Envelope) -> str:
+    """The id of the edge or service that published ``envelope``: its reply subject's third token."""
+    return envelope.reply.split(".")[2]
+
+
 class _Replies:
     """Numbered frames to one request's reply subject; a kind's ``Output``."""
 
@@ -201,7 +206,7 @@ class Worker:
                 msg.metadata.num_delivered > 1 and await self._was_cancelled(envelope.id)
             ):
                 raise BadEnvelope("its client had gone before it ran")
-            if not await self._publishers.alive(envelope.reply.split(".")[2]):
+            if not await self._publishers.alive(_publisher_of(envelope)):
                 # Its edge (or service) is gone, and with it the client: nobody would get the answer.
                 await dead_letter(self.js, msg, "work", "its publisher is gone: nobody would receive the answer")
                 return
@@ -244,7 +249,7 @@ class Worker:
         outcome = Outcome("cancelled")
         status, error_code = "ok", None
         await replies.send(Started, worker=self.worker_id)
-        keepalive = asyncio.create_task(self._keepalive(replies, msg))
+        keepalive = asyncio.create_task(self._keepalive(replies, msg, _publisher_of(envelope), cancel))
         try:
             outcome = await KINDS[envelope.kind].execute(
                 self.backend, envelope.body, cancel, replies)
@@ -305,10 +310,16 @@ class Worker:
             trace_id=tracing.trace_id(envelope.trace),
         )
 
-    async def _keepalive(self, replies: _Replies, msg: Msg) -> None:
-        """Tell the edge this request is alive, and JetStream not to redeliver it yet."""
+    async def _keepalive(self, replies: _Replies, msg: Msg, publisher: str, cancel: asyncio.Event) -> None:
+        """Tell the edge this request is alive, and JetStream not to redeliver it yet; stop the request
+        once its publisher is gone (an edge that died took its client with it: nobody would receive
+        the rest, so it is not made, and the request is billed as cancelled with what it used)."""
         while True:
             await asyncio.sleep(self.settings.worker.heartbeat_s)
+            with contextlib.suppress(Exception):  # not known to be gone is alive: a bus hiccup stops nothing
+                if not cancel.is_set() and not await self._publishers.alive(publisher):
+                    log.warning("stopped a request: its publisher %s is gone", publisher)
+                    cancel.set()
             with contextlib.suppress(Exception):  # one lost beat must not end the beating
                 await replies.send(Heartbeat)
                 await msg.in_progress()
