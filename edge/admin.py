@@ -9,18 +9,15 @@ import msgspec
 from aiohttp import web
 
 from bus.errors import InvalidRequest
-from bus.account.tenants import ApiKey, Limits, Tenant
+from bus.account.tenants import LATEST_EXPIRY, ApiKey, Limits, Tenant
 from bus.account.tenant_store import TenancyStore
 from bus.openai.decoding import decode_json as decode_body
 from edge.state import TENANCY
 
 
-_YEAR_9999 = 253_402_300_799.0  # the last second a date can name
-
-
 class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
     name: str = ""
-    expires_at: Annotated[float, msgspec.Meta(gt=0, le=_YEAR_9999)] | None = None  # unix seconds
+    expires_at: Annotated[float, msgspec.Meta(gt=0, le=LATEST_EXPIRY)] | None = None  # unix seconds
     expires_in: Annotated[float, msgspec.Meta(gt=0, le=100 * 365 * 86_400)] | None = None  # seconds from now
     models: list[str] | None = None
     endpoints: list[str] | None = None

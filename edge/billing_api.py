@@ -10,6 +10,7 @@ from aiohttp import web
 from bus.account import credits
 from bus.account.credits import CreditChange
 from bus.account.budgets import Budget, BudgetStore, check
+from bus.errors import InvalidRequest
 from bus.openai.decoding import decode_json as decode_body
 from edge.admin import json_response
 from edge.quota import QuotaGate
@@ -71,7 +72,10 @@ async def put_budget(request: web.Request) -> web.Response:
     store = _budgets(request)
     allow = request.config_dict[SETTINGS].meter.webhook_allow  # the same file billing reads
     budget = check(decode_body(await request.read(), Budget), allow)
-    await request.config_dict[TENANCY].get_tenant(budget.tenant)
+    tenancy = request.config_dict[TENANCY]
+    await tenancy.get_tenant(budget.tenant)
+    if budget.key is not None and (await tenancy.get_key(budget.key)).tenant != budget.tenant:
+        raise InvalidRequest(f"API key {budget.key!r} is not one of {budget.tenant!r}'s keys", param="key")
     return json_response(budget_view(await store.put(budget, allow)), 201)
 
 

@@ -226,6 +226,24 @@ async def test_admin_refuses_keys_that_could_never_work(stack, meter):
         assert status == 400 and body["error"]["param"] == param, (spec, body)
     status, body = await asyncio.to_thread(_send, stack, "PATCH", f"/admin/tenants/{TENANT}", b'{"disabled": "yes"}')
     assert status == 400 and body["error"]["param"] == "disabled", body
+    key_id, _ = await _key(stack)
+    for expires in (-1, 1, 1e300):
+        status, body = await asyncio.to_thread(_send, stack, "PATCH", f"/admin/keys/{key_id}",
+                                               json.dumps({"expires": expires}).encode())
+        assert status == 400 and body["error"]["param"] == "expires", (expires, body)
+    lanes = {"allowed_lanes": ["batch"], "default_lane": "critical"}  # a default it may not use
+    status, body = await asyncio.to_thread(_send, stack, "PATCH", f"/admin/tenants/{TENANT}", json.dumps(lanes).encode())
+    assert status == 400 and body["error"]["param"] == "default_lane", body
+    # A key of another tenant, or none, cannot carry a budget that would never apply.
+    other_key, _ = await _key(stack, PROP_TENANT)
+    for key, expected in ((other_key, 400), ("k" * 12, 404)):
+        budget = {"tenant": TENANT, "name": "k", "amount_micros": 1, "period": "daily", "key": key}
+        status, body = await asyncio.to_thread(_send, stack, "POST", "/admin/budgets", json.dumps(budget).encode())
+        assert status == expected, (key, body)
+    status, _ = await asyncio.to_thread(_send, stack, "DELETE", f"/admin/keys/{key_id}")
+    assert status == 200
+    status, body = await asyncio.to_thread(_send, stack, "PATCH", f"/admin/keys/{key_id}", b'{"name": "again"}')
+    assert status == 409 and body["error"]["code"] == "key_revoked", body
 
 
 # --- random and hostile input ----------------------------------------------------------------

@@ -18,7 +18,7 @@ from bus.protocol import IssuerGrant, Ticket, encode
 from bus.signing import Identity
 from bus.subjects import cache_hit_usage_subject
 from bus.account import credits
-from tests.conftest import UsageSigner, eventually, fresh_minute, usage_event, usage_rows
+from tests.conftest import UsageSigner, admin, eventually, fresh_minute, usage_event, usage_rows
 from tests.test_credits import _grant, _prepaid_tenant
 from tests.test_usage_trust import _dead_letters
 
@@ -113,7 +113,10 @@ async def test_tenants_never_share_answers_and_a_tenant_may_opt_out(cached_model
     assert [(await _chat(client, question))[1] for _ in range(2)] == ["miss", "hit"]
     other = stack.client(api_key=await _tenant(stack, f"cache-other-{uuid.uuid4().hex[:8]}"))
     assert (await _chat(other, question))[1] == "miss", "another tenant's answer is never served"
-    opted_out = stack.client(api_key=await _tenant(stack, f"cache-off-{uuid.uuid4().hex[:8]}", response_cache_ttl_s=0))
+    tenant = f"cache-off-{uuid.uuid4().hex[:8]}"
+    opted_out = stack.client(api_key=await _tenant(stack, tenant))
+    status, body = await admin(stack, "PATCH", f"/admin/tenants/{tenant}", json={"response_cache_ttl_s": 0})
+    assert status == 200 and body["response_cache_ttl_s"] == 0, body  # an operator opts a tenant out later
     answers = [await _chat(opted_out, question) for _ in range(2)]
     assert [says for _, says, _ in answers] == [None, None]
     rows = await _rows(clickhouse, [request_id for _, _, request_id in answers])

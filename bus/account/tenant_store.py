@@ -18,14 +18,15 @@ from bus.buckets import bucket_keys
 from bus.errors import Conflict, InvalidRequest, NotFound
 from bus.openai.decoding import invalid
 from bus.subjects import KEYS_BUCKET, LANES, TENANTS_BUCKET
-from bus.account.tenants import ENDPOINT_SCOPES, ApiKey, Tenant, new_key, valid_id
+from bus.account.tenants import ENDPOINT_SCOPES, LATEST_EXPIRY, ApiKey, Tenant, new_key, valid_id
 
 _tenant = msgspec.msgpack.Decoder(Tenant)
 _key = msgspec.msgpack.Decoder(ApiKey)
 _encode = msgspec.msgpack.encode
 
 # Fields a PATCH may change; ids, hashes and creation times never change.
-TENANT_FIELDS = {"tier", "name", "default_lane", "allowed_lanes", "limits", "model_limits", "models", "disabled", "prepaid"}
+TENANT_FIELDS = {"tier", "name", "default_lane", "allowed_lanes", "limits", "model_limits", "models", "disabled", "prepaid",
+                 "response_cache_ttl_s"}
 KEY_FIELDS = {"name", "expires", "models", "endpoints", "limits", "model_limits"}
 
 
@@ -38,9 +39,13 @@ def decode_key(data: bytes) -> ApiKey:
 
 
 def _check_lanes(tenant: Tenant) -> None:
-    for lane in [tenant.default_lane, *(tenant.allowed_lanes or [])]:
-        if lane is not None and lane not in LANES:
-            raise InvalidRequest(f"unknown lane {lane!r}; lanes are {', '.join(LANES)}", param="allowed_lanes")
+    for param, lanes in (("default_lane", [tenant.default_lane]), ("allowed_lanes", tenant.allowed_lanes or [])):
+        for lane in lanes:
+            if lane is not None and lane not in LANES:
+                raise InvalidRequest(f"unknown lane {lane!r}; lanes are {', '.join(LANES)}", param=param)
+    if tenant.default_lane and tenant.allowed_lanes is not None and tenant.default_lane not in tenant.allowed_lanes:
+        raise InvalidRequest(f"the default lane {tenant.default_lane!r} is not among the allowed lanes",
+                             param="default_lane")
 
 
 def _patched(record, patch: dict, allowed: set[str], kind: type):
@@ -137,9 +142,12 @@ class TenancyStore:
     async def update_key(self, key_id: str, patch: dict) -> ApiKey:
         current, revision = await self._read(self._keys, key_id, "API key", decode_key)
         if current.revoked:
-            raise Conflict(f"API key {key_id!r} is revoked")
+            raise Conflict(f"API key {key_id!r} is revoked", code="key_revoked")
         key = _patched(current, patch, KEY_FIELDS, ApiKey)
         _check_scope(key)
+        if "expires" in patch and key.expires is not None and not time.time() < key.expires <= LATEST_EXPIRY:
+            raise InvalidRequest("expires must be a future time, in unix seconds (revoke a key to end it now)",
+                                 param="expires")
         await self._write(self._keys, key_id, key, revision)
         return key
 

@@ -112,6 +112,9 @@ def key_id_of(secret: str) -> str | None:
     return secret[len(KEY_PREFIX):len(KEY_PREFIX) + _KEY_ID_LEN]
 
 
+# The latest a key may expire: the last second a date can name (year 9999).
+LATEST_EXPIRY = 253_402_300_799.0
+
 # What a key's ``endpoints`` scope may name: each route authenticates as one of these ("*": all).
 ENDPOINT_SCOPES = frozenset({
     "*", "chat.completions", "completions", "embeddings", "messages", "tokenize", "models", "images",
