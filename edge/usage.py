@@ -15,18 +15,29 @@ _answer = msgspec.msgpack.Decoder(UsageAnswer).decode
 MAX_LIMIT = 10_000  # rows in one answer
 
 
-def _query(request: web.Request, tenant: str | None) -> UsageQuery:
+_PARAMS = frozenset({"start", "end", "limit", "group_by"})
+
+
+def _query(request: web.Request, tenant: str | None, allowed: frozenset[str] = _PARAMS) -> UsageQuery:
     q = request.query
+    unknown = sorted(set(q) - allowed)
+    if unknown:  # a filter this API does not have must not look applied
+        raise InvalidRequest(f"Unrecognized query parameter: {unknown[0]} (one of {', '.join(sorted(allowed))})",
+                             param=unknown[0])
+    bounds = {}
+    for name in ("start", "end"):
+        try:
+            bounds[name] = float(q[name]) if name in q else None
+        except ValueError:
+            raise InvalidRequest(f"{name} is a time in unix seconds", param=name) from None
     try:
-        start = float(q["start"]) if "start" in q else None
-        end = float(q["end"]) if "end" in q else None
         limit = int(q.get("limit", 1000))
     except ValueError:
-        raise InvalidRequest("start and end are unix seconds; limit is an integer") from None
+        raise InvalidRequest("limit is an integer", param="limit") from None
     if not 1 <= limit <= MAX_LIMIT:  # also keeps a 30-digit limit off the bus, which carries 64 bits
         raise InvalidRequest(f"limit must be from 1 to {MAX_LIMIT}", param="limit")
     group_by = [g for g in q.get("group_by", "").split(",") if g]
-    return UsageQuery(tenant=tenant, start=start, end=end, group_by=group_by, limit=limit)
+    return UsageQuery(tenant=tenant, group_by=group_by, limit=limit, **bounds)
 
 
 async def _ask(request: web.Request, query: UsageQuery) -> web.Response:
@@ -57,4 +68,4 @@ async def tenant_usage(request: web.Request) -> web.Response:
 
 @admin_routes.get("/usage")
 async def admin_usage(request: web.Request) -> web.Response:
-    return await _ask(request, _query(request, request.query.get("tenant")))
+    return await _ask(request, _query(request, request.query.get("tenant"), _PARAMS | {"tenant"}))
