@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from bus.account.credits import MAX_MICROS
-from bus.buckets import bucket_keys
+from bus.buckets import bucket_values
 from bus.errors import InvalidRequest, NotFound
 from bus.subjects import BUDGETS_BUCKET
 from bus.account.tenants import valid_id
@@ -127,12 +127,7 @@ class BudgetStore:
         return budget
 
     async def list(self, tenant: str | None = None) -> list[Budget]:
-        budgets = []
-        for key in await bucket_keys(self._js, BUDGETS_BUCKET):
-            try:
-                budgets.append(decode_budget((await self._kv.get(key)).value))
-            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                continue  # deleted: its marker keeps the key listed
+        budgets = [decode_budget(value) for value in await bucket_values(self._js, self._kv, BUDGETS_BUCKET)]
         return [b for b in budgets if tenant is None or b.tenant == tenant]
 
     async def delete(self, budget_id: str) -> None:

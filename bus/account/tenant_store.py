@@ -14,7 +14,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from bus.buckets import bucket_keys
+from bus.buckets import bucket_values
 from bus.errors import Conflict, InvalidRequest, NotFound
 from bus.openai.decoding import invalid
 from bus.subjects import KEYS_BUCKET, LANES, TENANTS_BUCKET
@@ -95,7 +95,7 @@ class TenancyStore:
         return (await self._read(self._tenants, tenant_id, "tenant", decode_tenant))[0]
 
     async def list_tenants(self) -> list[Tenant]:
-        return await self._all(self._tenants, TENANTS_BUCKET, "tenant", decode_tenant)
+        return [decode_tenant(value) for value in await bucket_values(self._js, self._tenants, TENANTS_BUCKET)]
 
     async def update_tenant(self, tenant_id: str, patch: dict) -> Tenant:
         current, revision = await self._read(self._tenants, tenant_id, "tenant", decode_tenant)
@@ -126,18 +126,9 @@ class TenancyStore:
         return (await self._read(self._keys, key_id, "API key", decode_key))[0]
 
     async def list_keys(self, tenant_id: str | None = None) -> list[ApiKey]:
-        keys = await self._all(self._keys, KEYS_BUCKET, "API key", decode_key)
+        keys = [decode_key(value) for value in await bucket_values(self._js, self._keys, KEYS_BUCKET)]
         return [k for k in keys if tenant_id is None or k.tenant == tenant_id]
 
-    async def _all(self, kv: KeyValue, bucket: str, what: str, decode) -> list:
-        """Every record in ``bucket`` (one deleted since it was listed left out)."""
-        records = []
-        for key in await bucket_keys(self._js, bucket):
-            try:
-                records.append((await self._read(kv, key, what, decode))[0])
-            except NotFound:
-                continue
-        return records
 
     async def update_key(self, key_id: str, patch: dict) -> ApiKey:
         current, revision = await self._read(self._keys, key_id, "API key", decode_key)
